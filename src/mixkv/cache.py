@@ -1,0 +1,193 @@
+"""A cache layer that holds only the kept tokens, for uniform and head-adaptive budgets alike.
+
+Two parts:
+
+* ``flat``: the prompt tokens kept by a head-adaptive method, packed head after head in one
+  ``(T, D)`` buffer with per-(sequence, head) offsets (``seg_offsets``, like flash-attention's
+  ``cu_seqlens``). It is written once, after prefill, with no padding: bytes equal the kept
+  tokens exactly. ``None`` when every head keeps the same number of tokens.
+* ``tail``: a dense ``(B, H, capacity, D)`` buffer that grows geometrically (amortised O(1)
+  per decoded token, no copy of the layer per step). With a uniform budget it also holds the
+  kept prompt tokens, so decoding runs the model's own attention kernel on a plain view.
+
+The layer reports the *logical* length (prompt length + decoded tokens), never the stored one:
+transformers derives decoded tokens' positions from it, and they must stay ``N, N+1, ...``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .selection import KeepPlan
+
+MIN_GROWTH = 16
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One decoder layer's compressed KV cache (see the module docstring)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, plan: KeepPlan, prompt_length: int,
+                 owner=None):
+        super().__init__()
+        b, h, _, d = keys.shape
+        self.device = keys.device
+        self.dtype = keys.dtype
+        self.batch_size, self.num_heads, self.head_dim = b, h, d
+        self.prompt_length = int(prompt_length)
+        self.decoded = 0
+        self.owner = owner  # the press session; decoding outside it would be silently wrong
+        gather = plan.indices[..., None].expand(b, h, plan.indices.shape[-1], d)
+        k_sel = keys.gather(2, gather)
+        v_sel = values.gather(2, gather)
+        if plan.uniform:
+            self.flat_k = self.flat_v = None
+            self.seg_offsets = self.seg_lengths = self.seg_ids = None
+            self._tail_k, self._tail_v = k_sel.contiguous(), v_sel.contiguous()
+            self.tail_len = k_sel.shape[2]
+        else:
+            valid = plan.valid()
+            self.flat_k = k_sel[valid].contiguous()  # (T, D), head after head
+            self.flat_v = v_sel[valid].contiguous()
+            self.seg_lengths = plan.lengths.reshape(-1).to(torch.long)
+            self.seg_offsets = torch.zeros(b * h + 1, dtype=torch.long, device=keys.device)
+            self.seg_offsets[1:] = self.seg_lengths.cumsum(0)
+            # int32 keeps this per-token index under 1% of the KV bytes it describes.
+            self.seg_ids = torch.repeat_interleave(
+                torch.arange(b * h, device=keys.device, dtype=torch.int32), self.seg_lengths,
+                output_size=self.flat_k.shape[0],
+            )
+            self._tail_k = keys.new_empty(b, h, 0, d)
+            self._tail_v = values.new_empty(b, h, 0, d)
+            self.tail_len = 0
+        self.kept_lengths = plan.lengths.clone()  # (B, H) prompt tokens kept per head
+        self._sync_views()
+        self.is_initialized = True
+
+    # ---- storage -------------------------------------------------------------------------
+    @property
+    def is_flat(self) -> bool:
+        return self.flat_k is not None
+
+    def _sync_views(self) -> None:
+        self.keys = self._tail_k[:, :, : self.tail_len]
+        self.values = self._tail_v[:, :, : self.tail_len]
+
+    def _reserve(self, extra: int) -> None:
+        cap = self._tail_k.shape[2]
+        need = self.tail_len + extra
+        if need <= cap:
+            return
+        new_cap = max(need, cap + max(MIN_GROWTH, cap // 4))
+        b, h, _, d = self._tail_k.shape
+        for name in ("_tail_k", "_tail_v"):
+            old = getattr(self, name)
+            new = old.new_empty(b, h, new_cap, d)
+            new[:, :, : self.tail_len] = old[:, :, : self.tail_len]
+            setattr(self, name, new)
+
+    # ---- CacheLayerMixin API -----------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("CompressedLayer is built from a filled layer; it is never lazily initialised")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append new tokens (one per head when decoding); returns the dense tail views."""
+        if self.owner is not None and not self.owner.active:
+            raise RuntimeError(
+                "this KV cache was compressed by mixkv.press and can only be extended inside that press "
+                "(its keys are a subset of the prompt; plain attention would read the wrong positions)"
+            )
+        if key_states.shape[0] != self.batch_size or key_states.shape[1] != self.num_heads:
+            raise ValueError(
+                f"compressed cache holds batch {self.batch_size} x {self.num_heads} KV heads, "
+                f"got new states of shape {tuple(key_states.shape)}"
+            )
+        q = key_states.shape[2]
+        self._reserve(q)
+        self._tail_k[:, :, self.tail_len : self.tail_len + q] = key_states
+        self._tail_v[:, :, self.tail_len : self.tail_len + q] = value_states
+        self.tail_len += q
+        self.decoded += q
+        self._sync_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.prompt_length + self.decoded
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise RuntimeError("a compressed cache cannot be reset for reuse; start generation with a new cache")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "a compressed cache cannot be cropped: assisted / speculative decoding is not supported under mixkv.press"
+        )
+
+    def _dense_only(self, what: str) -> None:
+        if self.is_flat:
+            raise NotImplementedError(
+                f"{what} is not supported on a head-adaptive (variable-length) compressed cache; "
+                "use greedy or sampling generation, or a uniform method (snapkv, pyramidkv)"
+            )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._dense_only("beam search")
+        self._tail_k = self._tail_k.index_select(0, beam_idx.to(self.device))
+        self._tail_v = self._tail_v.index_select(0, beam_idx.to(self.device))
+        self.kept_lengths = self.kept_lengths.index_select(0, beam_idx.to(self.device))
+        self._sync_views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._dense_only("expanding the batch (num_return_sequences / beams)")
+        self._tail_k = self._tail_k.repeat_interleave(repeats, dim=0)
+        self._tail_v = self._tail_v.repeat_interleave(repeats, dim=0)
+        self.kept_lengths = self.kept_lengths.repeat_interleave(repeats, dim=0)
+        self.batch_size *= repeats
+        self._sync_views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._dense_only("selecting batch entries")
+        self._tail_k = self._tail_k[indices]
+        self._tail_v = self._tail_v[indices]
+        self.kept_lengths = self.kept_lengths[indices]
+        self.batch_size = self._tail_k.shape[0]
+        self._sync_views()
+
+    def offload(self):  # pragma: no cover - offloading is a GPU-memory feature we do not combine with
+        raise NotImplementedError("cache offloading is not supported together with mixkv compression")
+
+    def prefetch(self):  # pragma: no cover
+        return None
+
+    # ---- accounting ----------------------------------------------------------------------
+    def tokens_held(self) -> int:
+        """Key/value vectors stored (all sequences and heads), prompt and decoded."""
+        flat = 0 if self.flat_k is None else self.flat_k.shape[0]
+        return flat + self.batch_size * self.num_heads * self.tail_len
+
+    def kv_bytes(self) -> int:
+        """Bytes of the stored keys and values (used part)."""
+        return 2 * self.tokens_held() * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def allocated_bytes(self) -> int:
+        """Bytes actually allocated, including the tail's spare capacity and index metadata."""
+        elem = torch.finfo(self.dtype).bits // 8
+        total = 2 * self._tail_k.numel() * elem
+        if self.flat_k is not None:
+            total += 2 * self.flat_k.numel() * elem
+            total += (self.seg_offsets.numel() + self.seg_lengths.numel()) * 8 + self.seg_ids.numel() * 4
+        return total
+
+    def __repr__(self) -> str:
+        kind = "flat" if self.is_flat else "dense"
+        return f"CompressedLayer({kind}, kept={self.kept_lengths.float().mean().item():.1f}/head, decoded={self.decoded})"

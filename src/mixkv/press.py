@@ -1,0 +1,255 @@
+"""``with press(model, method): model.generate(...)`` — attach, compress each layer after its
+prefill, detach (always, also when generation raises).
+
+How it plugs in, with public extension points only:
+
+* a forward pre-hook on the model reads ``input_ids`` (image-token positions) and the 2-D
+  ``attention_mask`` (left padding) of the prompt;
+* a registered attention function (``attention.make_attention_function``) captures the window
+  queries and attends over compressed layers;
+* a forward hook on each decoder layer's attention module replaces that layer's
+  ``DynamicLayer`` by a :class:`~mixkv.cache.CompressedLayer` right after its prefill, so the
+  full-size keys of a layer are freed before the next layer runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .attention import make_attention_function
+from .cache import CompressedLayer
+from .methods.base import LayerContext
+from .models import ModelInfo, image_token_mask, inspect_model
+from .registry import resolve_method
+from .selection import KeepPlan, plan_keep
+
+_session_ids = count()
+
+
+@dataclass
+class PressStats:
+    """What the last prefill under the press did (reset at each new prefill)."""
+
+    compress_seconds: float = 0.0
+    layers_compressed: int = 0
+    prompt_length: int = 0
+    kept_per_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H) kept tokens
+
+
+class PressSession:
+    """Live state of one press on one model. Use :func:`press` rather than this directly."""
+
+    def __init__(self, model: nn.Module, method, info: ModelInfo, record: bool = False, timing: bool = False):
+        self.model, self.method, self.info = model, method, info
+        self.record, self.timing = record, timing
+        self.active = False
+        self.stats = PressStats()
+        self.plans: dict[int, KeepPlan] = {}
+        self.image_mask: torch.Tensor | None = None
+        self.attention_paths: set[str] = set()
+        self._handles: list = []
+        self._attn_name: str | None = None
+        self._saved_impl: str | None = None
+        self._cache = None
+        self._fresh: dict[int, bool] = {}
+        self._queries: dict[int, tuple[torch.Tensor, float]] = {}
+        self._input_ids: torch.Tensor | None = None
+        self._attention_mask: torch.Tensor | None = None
+
+    # ---- attach / detach -------------------------------------------------------------------
+    def attach(self) -> None:
+        config = self.info.text_config
+        original_name = config._attn_implementation or "eager"
+        if original_name == "eager":
+            module = sys.modules[type(self.info.attention_modules[0]).__module__]
+            original = module.eager_attention_forward
+        elif original_name in ALL_ATTENTION_FUNCTIONS:
+            original = ALL_ATTENTION_FUNCTIONS[original_name]
+        else:
+            raise ValueError(
+                f"attention implementation {original_name!r} is not supported under a press; "
+                "use eager, sdpa or flash_attention_2"
+            )
+        if original_name not in ALL_MASK_ATTENTION_FUNCTIONS:
+            raise ValueError(f"attention implementation {original_name!r} has no mask function in transformers")
+        name = f"mixkv{next(_session_ids)}_{original_name}"
+        AttentionInterface.register(name, make_attention_function(original, self))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original_name])
+        self._attn_name = name
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+            for attn in self.info.attention_modules:
+                self._handles.append(attn.register_forward_pre_hook(self._attn_pre_hook, with_kwargs=True))
+                self._handles.append(attn.register_forward_hook(self._attn_post_hook, with_kwargs=True))
+            self._saved_impl = config._attn_implementation
+            config._attn_implementation = name
+            self.active = True
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Undo everything attach did; safe to call twice and after a partial attach."""
+        self.active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._saved_impl is not None:
+            self.info.text_config._attn_implementation = self._saved_impl
+            self._saved_impl = None
+        if self._attn_name is not None:
+            AttentionInterface._global_mapping.pop(self._attn_name, None)
+            AttentionMaskInterface._global_mapping.pop(self._attn_name, None)
+            self._attn_name = None
+        self._cache = None
+        self._fresh.clear()
+        self._queries.clear()
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _model_pre_hook(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        self._input_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
+        mask = kwargs.get("attention_mask")
+        self._attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        return None
+
+    def _attn_pre_hook(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self._cache = cache
+        idx = module.layer_idx
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if cache is None or hidden is None or not hasattr(cache, "layers"):
+            self._fresh[idx] = False
+            return None
+        layer = cache.layers[idx] if idx < len(cache.layers) else None
+        if layer is not None and not isinstance(layer, (DynamicLayer, CompressedLayer)):
+            raise ValueError(
+                f"mixkv compresses transformers' DynamicCache (the default cache of generate); got a cache with "
+                f"{type(layer).__name__} layers. Do not pass cache_implementation='static' or a StaticCache."
+            )
+        empty = layer is None or (not isinstance(layer, CompressedLayer) and layer.get_seq_length() == 0)
+        self._fresh[idx] = empty and hidden.shape[1] > self.method.window
+        if empty and idx == 0:
+            self._new_prefill()
+        return None
+
+    def _new_prefill(self) -> None:
+        self.stats = PressStats()
+        self.plans = {}
+        self.image_mask = None
+
+    def layer_for(self, module):
+        """The cache layer ``module`` is attending over right now (None without a cache)."""
+        cache = self._cache
+        idx = module.layer_idx
+        if cache is None or not hasattr(cache, "layers") or idx >= len(cache.layers):
+            return None
+        return cache.layers[idx]
+
+    def capture(self, module, query: torch.Tensor, scaling: float) -> None:
+        """Keep the model's own last-``W`` queries of a prefill (after its RoPE / M-RoPE)."""
+        if self._fresh.get(module.layer_idx):
+            self._queries[module.layer_idx] = (query[:, :, -self.method.window :].detach(), float(scaling))
+
+    def _attn_post_hook(self, module, args, kwargs, output):
+        idx = module.layer_idx
+        if not self._fresh.pop(idx, False):
+            return None
+        captured = self._queries.pop(idx, None)
+        if captured is None:
+            raise RuntimeError(
+                f"mixkv: layer {idx} ran its prefill without the press's attention function "
+                f"({self.info.text_config._attn_implementation!r}); cannot compress it"
+            )
+        self._compress(idx, self._cache, *captured)
+        return None
+
+    # ---- compression ----------------------------------------------------------------------------
+    def _prompt_masks(self, n: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        valid = self._attention_mask
+        if valid is not None and valid.shape[-1] == n:
+            valid = valid.to(device=device).bool()
+            valid = None if bool(valid.all()) else valid
+        else:
+            valid = None
+        ids = self._input_ids
+        image = image_token_mask(ids, self.info) if ids is not None and ids.shape[-1] == n else None
+        return valid, None if image is None else image.to(device)
+
+    def _compress(self, idx: int, cache, queries: torch.Tensor, scaling: float) -> None:
+        layer = cache.layers[idx]
+        keys, values = layer.keys, layer.values
+        n = keys.shape[2]
+        if queries.shape[2] < self.method.window:
+            return
+        if self.timing and keys.is_cuda:
+            torch.cuda.synchronize(keys.device)
+        start = time.perf_counter()
+        valid, image = self._prompt_masks(n, keys.device)
+        ctx = LayerContext(
+            layer_idx=idx, num_layers=self.info.num_layers, queries=queries, keys=keys, values=values,
+            scaling=scaling, window=self.method.window, kernel=getattr(self.method, "kernel", 5),
+            valid=valid, image_mask=image,
+        )
+        if idx == 0:
+            self.image_mask = image
+            self.stats.prompt_length = n
+        budget = self.method.budget_per_sequence(ctx)
+        if not bool((ctx.n_valid > budget).any()):
+            return  # every prompt fits its budget: keep the cache exactly as it is
+        plan = plan_keep(self.method, ctx)
+        cache.layers[idx] = CompressedLayer(keys, values, plan, prompt_length=n, owner=self)
+        if self.timing and keys.is_cuda:
+            torch.cuda.synchronize(keys.device)
+        self.stats.compress_seconds += time.perf_counter() - start
+        self.stats.layers_compressed += 1
+        self.stats.kept_per_layer[idx] = plan.lengths.detach().cpu()
+        if self.record:
+            self.plans[idx] = KeepPlan(plan.indices.detach().cpu(), plan.lengths.detach().cpu())
+
+
+@contextmanager
+def press(model: nn.Module, method="snapkv+mixkv", *, record: bool = False, timing: bool = False,
+          **method_kwargs) -> Iterator[PressSession | None]:
+    """Compress the KV cache of ``model`` at the end of every prefill inside the block.
+
+    ``method``: a method object (``MixKV(SnapKV(budget=64))``) or a registry name
+    (``"snapkv+mixkv"``, see :func:`mixkv.registry.available_methods`) with ``budget=``,
+    ``ratio=``, ``window=`` ... as keyword arguments. ``"full"`` (or None) compresses nothing.
+    ``record=True`` keeps the kept positions of the last prompt (``session.plans``) for analysis.
+    Yields the :class:`PressSession` (None for "full"). The model is restored on exit, also on error.
+    """
+    resolved = resolve_method(method, **method_kwargs)
+    if resolved is None:
+        yield None
+        return
+    info = inspect_model(model)
+    resolved.validate_for(info)
+    session = PressSession(model, resolved, info, record=record, timing=timing)
+    session.attach()
+    try:
+        yield session
+    finally:
+        session.detach()
+
+
+def cache_kv_bytes(cache) -> int:
+    """Bytes of keys and values a cache holds (compressed layers counted exactly)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, CompressedLayer):
+            total += layer.kv_bytes()
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total

@@ -190,4 +190,5 @@ class CompressedLayer(CacheLayerMixin):
 
     def __repr__(self) -> str:
         kind = "flat" if self.is_flat else "dense"
-        return f"CompressedLayer({kind}, kept={self.kept_lengths.float().mean().item():.1f}/head, decoded={self.decoded})"
+        mean = self.kept_lengths.float().mean().item()
+        return f"CompressedLayer({kind}, kept={mean:.1f}/head, decoded={self.decoded})"

@@ -66,6 +66,7 @@ class PressSession:
         self._queries: dict[int, tuple[torch.Tensor, float]] = {}
         self._input_ids: torch.Tensor | None = None
         self._attention_mask: torch.Tensor | None = None
+        self.sink: list | None = None  # set by mixkv.prefill to capture instead of compress
 
     # ---- attach / detach -------------------------------------------------------------------
     def attach(self) -> None:
@@ -193,30 +194,59 @@ class PressSession:
         n = keys.shape[2]
         if queries.shape[2] < self.method.window:
             return
-        if self.timing and keys.is_cuda:
-            torch.cuda.synchronize(keys.device)
-        start = time.perf_counter()
         valid, image = self._prompt_masks(n, keys.device)
-        ctx = LayerContext(
-            layer_idx=idx, num_layers=self.info.num_layers, queries=queries, keys=keys, values=values,
-            scaling=scaling, window=self.method.window, kernel=getattr(self.method, "kernel", 5),
-            valid=valid, image_mask=image,
-        )
         if idx == 0:
             self.image_mask = image
             self.stats.prompt_length = n
-        budget = self.method.budget_per_sequence(ctx)
-        if not bool((ctx.n_valid > budget).any()):
+        if self.sink is not None:
+            self.sink.append(LayerCapture(idx, queries, keys, values, scaling, valid, image))
+            return
+        if self.timing and keys.is_cuda:
+            torch.cuda.synchronize(keys.device)
+        start = time.perf_counter()
+        new, plan = compress_layer(self.method, idx, self.info.num_layers, queries, keys, values, scaling,
+                                   valid, image, owner=self)
+        if new is None:
             return  # every prompt fits its budget: keep the cache exactly as it is
-        plan = plan_keep(self.method, ctx)
-        cache.layers[idx] = CompressedLayer(keys, values, plan, prompt_length=n, owner=self)
+        cache.layers[idx] = new
         if self.timing and keys.is_cuda:
             torch.cuda.synchronize(keys.device)
         self.stats.compress_seconds += time.perf_counter() - start
+        self.note_plan(idx, plan)
+
+    def note_plan(self, idx: int, plan: KeepPlan) -> None:
         self.stats.layers_compressed += 1
         self.stats.kept_per_layer[idx] = plan.lengths.detach().cpu()
         if self.record:
             self.plans[idx] = KeepPlan(plan.indices.detach().cpu(), plan.lengths.detach().cpu())
+
+
+@dataclass
+class LayerCapture:
+    """One layer's prefill as the press saw it: enough to compress it later with any method."""
+
+    layer_idx: int
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    scaling: float
+    valid: torch.Tensor | None
+    image_mask: torch.Tensor | None
+
+
+def compress_layer(method, idx: int, num_layers: int, queries, keys, values, scaling: float,
+                   valid=None, image_mask=None, owner=None) -> tuple[CompressedLayer | None, KeepPlan | None]:
+    """Compress one layer's prefill cache with ``method``; ``(None, None)`` when all prompts fit."""
+    ctx = LayerContext(
+        layer_idx=idx, num_layers=num_layers, queries=queries, keys=keys, values=values,
+        scaling=scaling, window=method.window, kernel=getattr(method, "kernel", 5),
+        valid=valid, image_mask=image_mask,
+    )
+    budget = method.budget_per_sequence(ctx)
+    if not bool((ctx.n_valid > budget).any()):
+        return None, None
+    plan = plan_keep(method, ctx)
+    return CompressedLayer(keys, values, plan, prompt_length=keys.shape[2], owner=owner), plan
 
 
 @contextmanager

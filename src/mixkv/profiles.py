@@ -104,7 +104,9 @@ def profile_from_json(obj: dict, source: str = "<dict>") -> Profile:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{source}: not a mixkv profile (expected \"format\": \"{FORMAT}\")")
     if obj.get("version") != VERSION:
-        raise ValueError(f"{source}: profile version {obj.get('version')!r} is not supported (this library reads {VERSION})")
+        raise ValueError(
+            f"{source}: profile version {obj.get('version')!r} is not supported (this library reads {VERSION})"
+        )
     missing = [k for k in ("model", "num_layers", "num_kv_heads") if k not in obj]
     if missing:
         raise ValueError(f"{source}: profile lacks {', '.join(missing)}")

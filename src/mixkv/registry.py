@@ -21,7 +21,9 @@ DESCRIPTIONS: dict[str, str] = {
     "random": "random eviction with a uniform budget (the floor)",
 }
 for _base in ("snapkv", "pyramidkv", "adakv", "sparsemm"):
-    DESCRIPTIONS[f"{_base}+mixkv"] = f"MixKV on {_base}: {_base}'s budgets, importance+diversity mixed by head redundancy"
+    DESCRIPTIONS[f"{_base}+mixkv"] = (
+        f"MixKV on {_base}: {_base}'s budgets, importance+diversity mixed by head redundancy"
+    )
 
 
 def available_methods() -> list[str]:

@@ -31,7 +31,9 @@ class KeepPlan:
         return steps < self.lengths[..., None]
 
 
-def select_topk(score: torch.Tensor, counts: torch.Tensor, cand_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_topk(
+    score: torch.Tensor, counts: torch.Tensor, cand_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``counts[b, h]`` candidates of each head by ``score``; padding is never picked.
 
     Returns ascending positions ``(B, H, K)`` (filler past the count) and the valid mask.

@@ -1,0 +1,35 @@
+# Two entry points: `make demo` (the main job) and `make test` (what CI runs).
+# `setup` installs the CPU build of torch first (pinned: a looser requirement would pull a
+# multi-GB CUDA build on these machines), then this package with its test extras.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_PIN ?= torch==2.13.0
+STAMP := .setup-done
+
+.PHONY: setup demo test lint bench eval clean
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) -m mixkv.cli.main demo
+
+test: $(STAMP)
+	$(PYTHON) -m ruff check src tests
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(PYTHON) -m ruff check src tests
+
+eval: $(STAMP)
+	$(PYTHON) -m mixkv.cli.main eval --model smollm2-135m --methods full,snapkv,snapkv+mixkv,pyramidkv,pyramidkv+mixkv,adakv,adakv+mixkv --budgets 64,128,256 --n 20 --seed 0 --json out/eval-smollm2.json
+
+bench: $(STAMP)
+	$(PYTHON) -m mixkv.cli.main bench --model smollm2-135m --contexts 1024,2048,4096,8192 --budget 128 --json out/bench-smollm2.json
+
+clean:
+	rm -rf $(STAMP) build dist src/*.egg-info .pytest_cache .ruff_cache

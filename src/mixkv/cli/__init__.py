@@ -1,0 +1,1 @@
+"""The ``mixkv`` command: demo, eval, bench."""

@@ -1,0 +1,39 @@
+"""``mixkv <command>``: argument parsing only; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import demo, eval_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixkv", description="KV-cache compression for HF VLMs and LLMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows attention paths)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (demo, eval_cmd):
+        module.add_parser(sub)
+    try:
+        from . import bench
+
+        bench.add_parser(sub)
+    except ImportError:  # pragma: no cover - bench is optional while it is being built
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"mixkv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

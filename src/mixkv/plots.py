@@ -1,0 +1,51 @@
+"""Pictures of what compression kept (PNG, matplotlib with the Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .selection import KeepPlan
+
+
+def kept_share(plans: dict[int, KeepPlan], num_layers: int, n: int, batch_index: int = 0) -> torch.Tensor:
+    """``(layers, n)``: the share of a layer's KV heads that kept each prompt position (1 = all)."""
+    out = torch.ones(num_layers, n)  # an uncompressed layer keeps everything
+    for layer, plan in plans.items():
+        idx, lengths = plan.indices[batch_index], plan.lengths[batch_index]
+        counts = torch.zeros(n)
+        for h in range(idx.shape[0]):  # small loop over heads: plotting only, never on the hot path
+            counts[idx[h, : lengths[h]]] += 1
+        out[layer] = counts / idx.shape[0]
+    return out
+
+
+def plot_kept_positions(kept: dict[str, dict[int, KeepPlan]], n: int, path: Path, marks: list[int] | None = None,
+                        title: str = "") -> Path:
+    """One heat-map panel per method: layers (rows) x prompt positions (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {name: plans for name, plans in kept.items() if plans}
+    if not panels:
+        raise ValueError("nothing was compressed: no kept positions to draw")
+    num_layers = 1 + max(max(p) for p in panels.values())
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.3 + 1.5 * len(panels)), dpi=110, squeeze=False)
+    image = None
+    for ax, (name, plans) in zip(axes[:, 0], panels.items()):
+        share = kept_share(plans, num_layers, n)
+        image = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_ylabel(f"{name}\nlayer", fontsize=8)
+        ax.tick_params(labelsize=7)
+        for m in marks or []:
+            ax.axvline(m, color="red", linewidth=0.8, alpha=0.8)
+    axes[-1, 0].set_xlabel("prompt position (red: the tokens holding the answer)")
+    fig.suptitle(title, fontsize=10)
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label="share of KV heads keeping the token", shrink=0.9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

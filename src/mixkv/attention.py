@@ -37,13 +37,71 @@ def _tail_causal_mask(q: int, g: int, length: int, device) -> torch.Tensor:
     return torch.arange(length, device=device)[None, :] <= (length - q + i)[:, None]
 
 
-def varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float) -> torch.Tensor:
+def _cpu_flash_with_lse():
+    """PyTorch's fused CPU attention that also returns the log-sum-exp (None if this build lacks it)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _packed_attention_fused(qs: torch.Tensor, layer: CompressedLayer, scaling: float):
+    """Attention of ``qs`` ``(S, Gq, D)`` over the packed part: one fused kernel call.
+
+    All ``S * Gq`` query rows attend over all ``T`` packed tokens with a block mask that lets
+    each row see only its own (sequence, head) segment; the kernel returns the log-sum-exp we
+    need to merge with the tail.
+    """
+    s, gq, d = qs.shape
+    t = layer.flat_k.shape[0]
+    rows = torch.arange(s, device=qs.device, dtype=layer.seg_ids.dtype).repeat_interleave(gq)
+    bias = torch.zeros(s * gq, t, dtype=qs.dtype, device=qs.device)
+    bias.masked_fill_(rows[:, None] != layer.seg_ids[None, :], float("-inf"))
+    out, lse = _cpu_flash_with_lse()(
+        qs.reshape(1, 1, s * gq, d), layer.flat_k[None, None], layer.flat_v[None, None], 0.0, False,
+        attn_mask=bias[None, None], scale=scaling,
+    )
+    return out.view(s, gq, d).float(), lse.view(s, gq).float()
+
+
+def _packed_attention_scatter(qs: torch.Tensor, layer: CompressedLayer, scaling: float):
+    """Portable fallback for the packed part (any device / dtype): segment softmax with scatter ops.
+
+    Scores every token against all query groups in one matmul and keeps its own group's
+    columns; per-segment max and sums via scatter/index_add. Returns ``(out, lse)``.
+    """
+    s, gq, d = qs.shape
+    seg = layer.seg_ids.long()
+    t = seg.shape[0]
+    logits_all = torch.matmul(layer.flat_k, qs.reshape(s * gq, d).transpose(0, 1))  # (T, S*Gq)
+    own = logits_all.view(t, s, gq).gather(1, seg.view(t, 1, 1).expand(t, 1, gq)).squeeze(1).float() * scaling
+    m = torch.full((s, gq), float("-inf"), device=qs.device)
+    m = m.scatter_reduce(0, seg.view(t, 1).expand(t, gq), own, reduce="amax", include_self=True)
+    safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(own - safe_m[seg])  # (T, Gq)
+    den = torch.zeros(s, gq, device=qs.device).index_add_(0, seg, e)
+    spread = torch.zeros(t, s, gq, dtype=layer.flat_v.dtype, device=qs.device)
+    spread.scatter_(1, seg.view(t, 1, 1).expand(t, 1, gq), e.to(spread.dtype)[:, None, :])
+    num = torch.matmul(spread.view(t, s * gq).transpose(0, 1), layer.flat_v).float().view(s, gq, d)
+    return num / den.clamp_min(1e-30)[..., None], safe_m + torch.log(den)
+
+
+def packed_attention(qs: torch.Tensor, layer: CompressedLayer, scaling: float, fused: bool | None = None):
+    """``(out, lse)`` of queries ``(S, Gq, D)`` over the packed part; fused kernel on CPU when available."""
+    if fused is None:
+        fused = qs.device.type == "cpu" and _cpu_flash_with_lse() is not None
+    if fused:
+        try:
+            return _packed_attention_fused(qs, layer, scaling)
+        except RuntimeError:  # a torch build whose private kernel rejects these inputs
+            pass
+    return _packed_attention_scatter(qs, layer, scaling)
+
+
+def varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float,
+                     fused: bool | None = None) -> torch.Tensor:
     """Exact attention of ``query`` over a compressed layer whose heads differ in length.
 
-    ``query`` ``(B, Hq, q, D)`` (the new tokens, already appended to the layer's tail).
-    Pure PyTorch, runs on CPU and CUDA. The packed part is scored with one matmul against
-    all query groups and each token keeps its own group's column; softmax statistics are
-    merged with the dense tail's, so nothing is padded and nothing is copied per step.
+    ``query`` ``(B, Hq, q, D)`` (the new tokens, already appended to the layer's tail). The
+    packed prompt part and the dense tail of decoded tokens are attended separately and merged
+    by their log-sum-exp, so nothing is padded and nothing is copied per step.
     Returns ``(B, q, Hq, D)``, the layout transformers' attention functions return.
     """
     b, hq, q, d = query.shape
@@ -53,36 +111,22 @@ def varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float
     qg = query.reshape(b, h, gq, d)
     tk, tv = layer.keys, layer.values
     lt = tk.shape[2]
-    logits_tail = torch.matmul(qg, tk.transpose(-1, -2)).float() * scaling  # (B, H, Gq, Lt)
+    logits = torch.matmul(qg, tk.transpose(-1, -2)).float() * scaling  # (B, H, Gq, Lt)
     if q > 1:
-        logits_tail = logits_tail.masked_fill(~_tail_causal_mask(q, g, lt, query.device), float("-inf"))
-    m = logits_tail.amax(dim=-1) if lt > 0 else torch.full((b, h, gq), float("-inf"), device=query.device)
-
+        logits = logits.masked_fill(~_tail_causal_mask(q, g, lt, query.device), float("-inf"))
+    if lt > 0:
+        lse = torch.logsumexp(logits, dim=-1)  # (B, H, Gq)
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        out = torch.matmul(torch.exp(logits - safe[..., None]).to(tv.dtype), tv).float()
+    else:
+        lse = torch.full((b, h, gq), float("-inf"), device=query.device)
+        out = torch.zeros(b, h, gq, d, device=query.device)
     if layer.is_flat:
-        s = b * h
-        seg = layer.seg_ids.long()
-        t = seg.shape[0]
-        logits_all = torch.matmul(layer.flat_k, qg.reshape(s * gq, d).transpose(0, 1))  # (T, S*Gq)
-        own = logits_all.view(t, s, gq).gather(1, seg.view(t, 1, 1).expand(t, 1, gq)).squeeze(1)
-        own = own.float() * scaling  # (T, Gq)
-        m_flat = torch.full((s, gq), float("-inf"), device=query.device)
-        m_flat = m_flat.scatter_reduce(0, seg.view(t, 1).expand(t, gq), own, reduce="amax", include_self=True)
-        m = torch.maximum(m, m_flat.view(b, h, gq))
-    safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-
-    e_tail = torch.exp(logits_tail - safe_m[..., None])
-    den = e_tail.sum(dim=-1)  # (B, H, Gq)
-    num = torch.matmul(e_tail.to(tv.dtype), tv).float()  # (B, H, Gq, D)
-
-    if layer.is_flat:
-        e_flat = torch.exp(own - safe_m.view(s, gq)[seg])  # (T, Gq)
-        den = den + torch.zeros(s, gq, device=query.device).index_add_(0, seg, e_flat).view(b, h, gq)
-        # Scatter each token's weights into its own group's columns, then one matmul with V.
-        spread = torch.zeros(t, s, gq, dtype=layer.flat_v.dtype, device=query.device)
-        spread.scatter_(1, seg.view(t, 1, 1).expand(t, 1, gq), e_flat.to(spread.dtype)[:, None, :])
-        num = num + torch.matmul(spread.view(t, s * gq).transpose(0, 1), layer.flat_v).float().view(b, h, gq, d)
-
-    out = num / den.clamp_min(1e-30)[..., None]
+        out_p, lse_p = packed_attention(qg.reshape(b * h, gq, d), layer, scaling, fused)
+        out_p, lse_p = out_p.view(b, h, gq, d), lse_p.view(b, h, gq)
+        total = torch.logaddexp(lse, lse_p)
+        out = out * torch.exp(lse - total)[..., None] + out_p * torch.exp(lse_p - total)[..., None]
+    out = torch.nan_to_num(out)
     return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).to(query.dtype).contiguous()
 
 

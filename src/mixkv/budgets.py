@@ -28,8 +28,9 @@ def pyramid_counts(
 
     ``min = base / beta``, ``max = 2 base - min``; when ``max`` exceeds the candidates it is
     clipped and ``min`` raised so the mean over layers stays ``base``. Counts are truncated to
-    integers, as in PyramidKV's reference code. Recomputed for every prompt (the authors'
-    code caches the first prompt's schedule: a bug when prompt lengths differ).
+    integers, as in PyramidKV's reference code; a one-layer model keeps ``base``. Recomputed
+    for every prompt (the authors' code caches the first prompt's schedule: a bug when prompt
+    lengths differ).
     """
     base_f = base.double()
     lo = base_f / beta
@@ -37,6 +38,8 @@ def pyramid_counts(
     clip = hi >= n_cand.double()
     hi = torch.where(clip, n_cand.double(), hi)
     lo = torch.where(clip, 2 * base_f - hi, lo)
+    if num_layers == 1:  # a one-level pyramid keeps the average
+        hi = lo = base_f
     step = (hi - lo) / max(num_layers - 1, 1)
     count = torch.floor(hi - layer_idx * step + 1e-9).long()
     count = torch.minimum(count.clamp_min(0), n_cand)

@@ -49,3 +49,33 @@ def plot_kept_positions(kept: dict[str, dict[int, KeepPlan]], n: int, path: Path
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_bench(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Two panels vs context length: decode ms/token and KV MiB held after prefill, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["context"], r["decode_ms_per_token"], r["kv_bytes"] / 2**20) for r in rows
+                     if r["method"] == method)
+        style = "--" if method == "full" else ("-" if "mixkv" in method else ":")
+        a.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=method)
+        b.plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=method)
+    for ax, label in ((a, "decode time per token (ms)"), (b, "KV cache after prefill (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    b.set_yscale("log")
+    a.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -42,11 +42,15 @@ def window_attention(
     # Window query i sits at position N - W + i and sees keys 0 .. N - W + i.
     causal = torch.ones(w, n, dtype=torch.bool, device=keys.device).tril(diagonal=n - w)
     mask = causal.view(1, 1, 1, w, n)
-    if valid is not None:
-        mask = mask & valid.view(b, 1, 1, 1, n)
-    logits = logits.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return probs.mean(dim=(2, 3))
+    if valid is None:
+        return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).mean(dim=(2, 3))
+    mask = mask & valid.view(b, 1, 1, 1, n)
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    # A sequence shorter than the window has window queries on padding: they see nothing
+    # (NaN rows) and must not count in the mean over the window.
+    q_valid = valid[:, n - w :].view(b, 1, 1, w, 1).to(probs.dtype)
+    probs = torch.nan_to_num(probs, nan=0.0) * q_valid
+    return probs.sum(dim=3).mean(dim=2) / q_valid.sum(dim=3).mean(dim=2).clamp_min(1.0)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -55,7 +59,7 @@ def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     Padding is counted as zero (``count_include_pad``), as in SnapKV: a lone high score is
     spread over its neighbours so that whole phrases survive, not isolated tokens.
     """
-    if kernel <= 1:
+    if kernel <= 1 or scores.shape[-1] == 0:
         return scores
     if kernel % 2 == 0:
         raise ValueError(f"pooling kernel must be odd to keep positions aligned, got {kernel}")
@@ -95,6 +99,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim: int = -1, keepd
 
 def minmax_normalize(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = EPS) -> torch.Tensor:
     """Min-max to [0, 1] over the last axis, ignoring masked entries; a constant row gives 0, not NaN."""
+    if x.shape[-1] == 0:
+        return x
     if mask is None:
         lo = x.amin(dim=-1, keepdim=True)
         hi = x.amax(dim=-1, keepdim=True)

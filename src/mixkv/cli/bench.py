@@ -1,0 +1,81 @@
+"""``mixkv bench``: speed and memory per method and context length; ``--micro`` for the
+variable-length decode-attention microbenchmark."""
+
+from __future__ import annotations
+
+import time
+
+from .. import report
+from ..benchmark import bench_context, micro_decode_step, rows_to_dicts
+from ..testbeds import tasks as task_suite
+from .common import load, machine_description, parse_list, setup_threads, write_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="prefill / compression / decode time and KV memory per method")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="full,snapkv,snapkv+mixkv,pyramidkv,pyramidkv+mixkv,adakv,adakv+mixkv")
+    p.add_argument("--contexts", default="1024,2048,4096")
+    p.add_argument("--budget", type=int, default=128)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--steps", type=int, default=16, help="decoded tokens per timing run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--micro", action="store_true", help="only the decode-attention microbenchmark (no model)")
+    p.add_argument("--micro-lengths", default="1024,2048,4096,8192,16384")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG of decode time and KV bytes vs context")
+    p.set_defaults(run=run)
+
+
+def _prompt(tokenizer, n_tokens: int) -> dict:
+    sample = task_suite.make_passkey(0, n_tokens, tokenizer)
+    text = task_suite.build_prompt(tokenizer, sample)
+    return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+
+
+def run(args) -> int:
+    threads = setup_threads(args.threads)
+    machine = machine_description()
+    if args.micro:
+        rows = micro_decode_step(parse_list(args.micro_lengths, int))
+        print(report.format_table(
+            ["tokens/head", "KV heads x group", "varlen ms", "dense ms", "ratio"],
+            [[r["tokens_per_head"], f"{r['num_kv_heads']} x {r['group']}", r["varlen_ms"], r["dense_ms"],
+              f"{r['ratio']:.2f}x"] for r in rows]))
+        print(f"\n{machine}, {threads} threads")
+        if args.json:
+            print(f"wrote {write_json({'micro': rows, 'machine': machine, 'threads': threads}, args.json)}")
+        return 0
+    methods = parse_list(args.methods)
+    contexts = parse_list(args.contexts, int)
+    start = time.perf_counter()
+    model, tokenizer = load(args.model, args.dtype)
+    rows = []
+    for ctx in contexts:
+        inputs = {k: v.to(model.device) for k, v in _prompt(tokenizer, ctx).items()}
+        rows.extend(bench_context(model, inputs, methods, args.budget, args.window, args.steps, args.repeats))
+        print(f"context {ctx}: done ({time.perf_counter() - start:.0f} s)")
+    # The limit a compressed cache can reach: decoding after a prompt as short as the budget.
+    short = {k: v.to(model.device) for k, v in _prompt(tokenizer, args.budget).items()}
+    floor = bench_context(model, short, ["full"], args.budget, args.window, args.steps, args.repeats)[0]
+    data = rows_to_dicts(rows)
+    table = [[r["context"], r["method"], r["prefill_s"], f"{1000 * r['compress_s']:.1f}",
+              f"{r['compress_pct_of_prefill']:.2f}%", r["decode_ms_per_token"], f"{r['kv_bytes'] / 2**20:.2f}",
+              f"{r['kv_bytes'] / max(r['kv_bytes_theory'], 1):.4f}", r["peak_mem_mib"]] for r in data]
+    print(report.format_table(["context", "method", "prefill s", "compress ms", "of prefill", "decode ms/tok",
+                               "KV MiB", "KV/theory", "peak MiB"], table))
+    print(f"\ndecode after a {floor.context}-token prompt (full cache): {floor.decode_ms_per_token:.1f} ms/token")
+    print(f"{machine}, {threads} threads, {time.perf_counter() - start:.0f} s")
+    payload = {"model": args.model, "rows": data, "short_prompt_floor": rows_to_dicts([floor])[0],
+               "config": {"methods": methods, "contexts": contexts, "budget": args.budget, "window": args.window,
+                          "steps": args.steps, "repeats": args.repeats, "dtype": args.dtype, "threads": threads,
+                          "machine": machine}}
+    if args.json:
+        print(f"wrote {write_json(payload, args.json)}")
+    if args.plot:
+        from ..plots import plot_bench
+
+        print(f"wrote {plot_bench(data, args.plot, title=f'{args.model}, budget {args.budget}, {machine}')}")
+    return 0

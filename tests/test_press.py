@@ -223,3 +223,103 @@ def test_bf16_decoding_close_to_masked_reference(models):
     err = (got.float() - ref.float()).abs().max()
     assert err <= 0.02 * ref.float().abs().max(), f"bf16 error {err:.3f} vs logit scale {ref.abs().max():.1f}"
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (6, 2), (8, 2)])
+def test_gqa_group_sizes_decode_like_masked_reference(heads, kv_heads):
+    model = make_model("llama", num_heads=heads, num_kv_heads=kv_heads)
+    inputs = make_inputs(model, "llama")
+    n = inputs["input_ids"].shape[1]
+    for name in ("snapkv+mixkv", "adakv+mixkv"):
+        got, session, extra = _decode_logits(model, inputs, mixkv.make_method(name, budget=20, window=WINDOW))
+        with masked_reference(model, session.plans, n):
+            ref = model(**_extend(inputs, extra)).logits[:, n - 1 :]
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv", "pyramidkv", "snapkv+mixkv", "adakv", "adakv+mixkv",
+                                    "random"])
+def test_kv_bytes_equal_kept_tokens(models, method):
+    """The cache holds exactly kept tokens x head_dim x 2 x dtype size (decoded tokens included)."""
+    model = models("qwen2")
+    inputs = make_inputs(model, "qwen2", text_len=120)
+    with press(model, method, budget=24, window=WINDOW) as session:
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    steps = out.sequences.shape[1] - inputs["input_ids"].shape[1] - 1
+    info = mixkv.models.inspect_model(model)
+    per_token = info.head_dim * 2 * 4
+    if session is None:
+        kept = info.num_layers * info.num_kv_heads * (inputs["input_ids"].shape[1] + steps)
+    else:
+        kept = sum(int(k.sum()) for k in session.stats.kept_per_layer.values())
+        kept += info.num_layers * info.num_kv_heads * steps
+    assert mixkv.cache_kv_bytes(cache) == kept * per_token
+
+
+def test_ratio_budget_keeps_that_fraction(models):
+    model = models("llama")
+    inputs = make_inputs(model, "llama", text_len=200)
+    n = inputs["input_ids"].shape[1]
+    with press(model, "snapkv", ratio=0.25, window=WINDOW) as session:
+        model(**inputs, use_cache=True)
+    assert all(int(k.unique()) == round(0.25 * n) for k in session.stats.kept_per_layer.values())
+
+
+def test_offline_profile_redundancy_is_used(models, tmp_path):
+    """An offline profile changes the mix: r = 0 keeps by importance alone, r = 1 by diversity alone."""
+    model = models("llama")
+    inputs = make_inputs(model, "llama", text_len=120)
+    info = mixkv.models.inspect_model(model)
+    plans = {}
+    for r in (0.0, 1.0):
+        prof = mixkv.Profile(model="tiny", num_layers=info.num_layers, num_kv_heads=info.num_kv_heads,
+                             key_redundancy=torch.full((info.num_layers, info.num_kv_heads), r))
+        path = mixkv.save_profile(prof, tmp_path / f"r{r}.json")
+        with press(model, "snapkv+mixkv", budget=24, window=WINDOW, redundancy="profile", profile=path,
+                   record=True) as session:
+            model(**inputs, use_cache=True)
+        plans[r] = session.plans
+    importance_only = MixKV(SnapKV(budget=24, window=WINDOW), use_diversity=False)
+    with press(model, importance_only, record=True) as session:
+        model(**inputs, use_cache=True)
+    for idx, plan in session.plans.items():
+        assert torch.equal(plan.indices, plans[0.0][idx].indices)
+    assert any(not torch.equal(plans[0.0][i].indices, plans[1.0][i].indices) for i in plans[0.0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
+def test_shared_prefill_decodes_like_generate(models, arch):
+    """One captured prefill feeding a method's cache gives generate's tokens under that press."""
+    from mixkv.prefill import build_cache, greedy_decode, shared_prefill
+
+    model = models(arch)
+    inputs = make_inputs(model, arch)
+    n = inputs["input_ids"].shape[1]
+    pre = shared_prefill(model, inputs, window=WINDOW)
+    for name in ("full", "snapkv+mixkv", "adakv+mixkv"):
+        method = mixkv.make_method(name, budget=20, window=WINDOW)
+        with press(model, method) as session:
+            expected = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, n:].tolist()
+            cache, plans, _ = build_cache(pre, method, session)
+            got = greedy_decode(model, cache, pre.logits, 5)
+        assert got == expected, name
+        assert (method is None) == (not plans)
+
+
+def test_image_positions_are_known_per_layer(models):
+    model = models("qwen2_vl")
+    inputs = make_inputs(model, "qwen2_vl")
+    seen = []
+
+    class Spy(SnapKV):
+        def score(self, ctx):
+            seen.append(ctx.image_mask)
+            return super().score(ctx)
+
+    with press(model, Spy(budget=20, window=WINDOW)) as session:
+        model(**inputs, use_cache=True)
+    expected = inputs["input_ids"] == model.config.image_token_id
+    assert len(seen) == mixkv.models.inspect_model(model).num_layers
+    assert all(torch.equal(m, expected) for m in seen)
+    assert torch.equal(session.image_mask, expected)

@@ -132,13 +132,31 @@ def intrinsic_importance(
     return rescale_to(minmax_normalize(norms, cand_valid), target_mean, cand_valid)
 
 
-def key_centroid(keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of the unit-normalised keys over all prompt tokens: ``(B, H, D)``."""
-    k_hat = F.normalize(keys.float(), dim=-1, eps=EPS)
+def unit(states: torch.Tensor) -> torch.Tensor:
+    """Unit-normalised vectors in float32 (``k / |k|``)."""
+    return F.normalize(states.float(), dim=-1, eps=EPS)
+
+
+def centroid_of(k_hat: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of unit vectors ``(B, H, N, D)`` over the real prompt tokens: ``(B, H, D)``."""
     if valid is None:
         return k_hat.mean(dim=-2)
     m = valid[:, None, :, None].to(k_hat.dtype)
     return (k_hat * m).sum(dim=-2) / m.sum(dim=-2).clamp_min(1.0)
+
+
+def key_centroid(keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the unit-normalised keys over all prompt tokens: ``(B, H, D)``."""
+    return centroid_of(unit(keys), valid)
+
+
+def diversity_from(k_hat: torch.Tensor, centroid: torch.Tensor, window: int, target_mean: torch.Tensor,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`diversity` from precomputed unit keys and centroid (shared with redundancy)."""
+    n = k_hat.shape[-2]
+    raw = -torch.matmul(k_hat[..., : n - window, :], centroid[..., None]).squeeze(-1)
+    cand_valid = None if valid is None else valid[:, None, : n - window]
+    return rescale_to(minmax_normalize(raw, cand_valid), target_mean, cand_valid)
 
 
 def diversity(
@@ -148,12 +166,21 @@ def diversity(
 
     A key far from the head's centroid carries information that the others do not repeat.
     """
-    n = keys.shape[-2]
-    c = key_centroid(keys, valid)
-    k_hat = F.normalize(keys[..., : n - window, :].float(), dim=-1, eps=EPS)
-    raw = -(k_hat * c[:, :, None, :]).sum(dim=-1)
-    cand_valid = None if valid is None else valid[:, None, : n - window]
-    return rescale_to(minmax_normalize(raw, cand_valid), target_mean, cand_valid)
+    k_hat = unit(keys)
+    return diversity_from(k_hat, centroid_of(k_hat, valid), window, target_mean, valid)
+
+
+def redundancy_from(centroid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``(N|c|^2 - 1) / (N - 1)`` clamped to [0, 1]; ``count`` real tokens per row, ``(B, H)``."""
+    sq = (centroid * centroid).sum(dim=-1)
+    return ((count * sq - 1.0) / (count - 1.0).clamp_min(1.0)).clamp(0.0, 1.0)
+
+
+def token_count(states: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Real tokens per (sequence, head), ``(B, H)`` float."""
+    if valid is None:
+        return torch.full(states.shape[:2], states.shape[-2], dtype=torch.float32, device=states.device)
+    return valid.sum(dim=-1).float()[:, None].expand(states.shape[:2])
 
 
 def redundancy(states: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,14 +189,7 @@ def redundancy(states: torch.Tensor, valid: torch.Tensor | None = None) -> torch
     ``states`` ``(B, H, N, D)`` (keys, or values for value redundancy). Returns ``(B, H)``
     clamped to [0, 1]; a head with a single token has redundancy 0.
     """
-    c = key_centroid(states, valid)
-    if valid is None:
-        count = torch.full(states.shape[:2], states.shape[-2], dtype=torch.float32, device=states.device)
-    else:
-        count = valid.sum(dim=-1).float()[:, None].expand(states.shape[:2])
-    sq = (c * c).sum(dim=-1)
-    r = (count * sq - 1.0) / (count - 1.0).clamp_min(1.0)
-    return r.clamp(0.0, 1.0)
+    return redundancy_from(key_centroid(states, valid), token_count(states, valid))
 
 
 def mix(s_imp: torch.Tensor, s_div: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

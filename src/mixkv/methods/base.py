@@ -70,6 +70,20 @@ class LayerContext:
         )
 
     @cached_property
+    def k_hat(self) -> torch.Tensor:
+        """Unit-normalised keys, shared by diversity and redundancy."""
+        return scores.unit(self.keys)
+
+    @cached_property
+    def key_centroid(self) -> torch.Tensor:
+        return scores.centroid_of(self.k_hat, self.valid)
+
+    @cached_property
+    def key_redundancy(self) -> torch.Tensor:
+        """Online head redundancy ``(B, H)`` from this prompt's keys."""
+        return scores.redundancy_from(self.key_centroid, scores.token_count(self.keys, self.valid))
+
+    @cached_property
     def s_ext_mean(self) -> torch.Tensor:
         return scores.masked_mean(self.s_ext, self.cand_valid)
 

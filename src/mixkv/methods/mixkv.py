@@ -90,7 +90,7 @@ class MixKV:
         if isinstance(self.redundancy, Profile):
             row = self.redundancy.key_redundancy[ctx.layer_idx].to(ctx.keys.device, torch.float32)
             return row[None, :].expand(ctx.keys.shape[0], -1).clamp(0.0, 1.0)
-        return scores.redundancy(ctx.keys, ctx.valid)
+        return ctx.key_redundancy
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         s_ext, target = ctx.s_ext, ctx.s_ext_mean
@@ -99,7 +99,7 @@ class MixKV:
             s_imp = s_imp + scores.intrinsic_importance(ctx.values, ctx.window, target, ctx.cand_valid)
         if not self.use_diversity:
             return s_imp
-        s_div = scores.diversity(ctx.keys, ctx.window, target, ctx.valid)
+        s_div = scores.diversity_from(ctx.k_hat, ctx.key_centroid, ctx.window, target, ctx.valid)
         return scores.mix(s_imp, s_div, self.head_redundancy(ctx))
 
     def describe(self) -> str:

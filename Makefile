@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 STAMP := .setup-done
 
-.PHONY: setup demo test lint bench eval clean
+.PHONY: setup demo test lint bench eval compare kvpress-env clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
@@ -19,17 +19,24 @@ demo: $(STAMP)
 	$(PYTHON) -m mixkv.cli.main demo
 
 test: $(STAMP)
-	$(PYTHON) -m ruff check src tests
+	$(PYTHON) -m ruff check src tests scripts
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(PYTHON) -m ruff check src tests
+	$(PYTHON) -m ruff check src tests scripts
 
 eval: $(STAMP)
 	$(PYTHON) -m mixkv.cli.main eval --model smollm2-135m --methods full,snapkv,snapkv+mixkv,pyramidkv,pyramidkv+mixkv,adakv,adakv+mixkv --budgets 64,128,256 --n 20 --seed 0 --json out/eval-smollm2.json
 
 bench: $(STAMP)
 	$(PYTHON) -m mixkv.cli.main bench --model smollm2-135m --contexts 1024,2048,4096,8192 --budget 128 --json out/bench-smollm2.json
+
+# Side by side with kvpress (its own venv: kvpress pins transformers<5.3).
+kvpress-env:
+	bash scripts/kvpress/setup_env.sh
+
+compare: $(STAMP)
+	$(PYTHON) -m mixkv.cli.main compare --model smollm2-135m --contexts 1024,2048,4096 --budget 128 --n 6 --json out/compare.json --plot out/compare.png
 
 clean:
 	rm -rf $(STAMP) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -34,12 +34,20 @@ def parse_list(text: str, kind=str) -> list:
         raise ValueError(f"could not read {text!r} as a list of {kind.__name__}") from e
 
 
-def load(name: str, dtype: str = "float32"):
-    from ..testbeds.smollm2 import load_model
+TOY_VLM = "toy-vlm"
 
+
+def load(name: str, dtype: str = "float32"):
+    """``(model, tokenizer_or_processor)`` for ``toy-vlm``, ``smollm2-135m``, a directory or a hub id."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(dtypes)}")
+    if name == TOY_VLM:
+        from ..testbeds.toyvlm.model import load_toy_vlm
+
+        return load_toy_vlm(dtype=dtypes[dtype])
+    from ..testbeds.smollm2 import load_model
+
     return load_model(name, dtype=dtypes[dtype])
 
 

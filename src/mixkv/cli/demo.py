@@ -1,45 +1,85 @@
-"""``mixkv demo``: the main job. Load a real model offline, answer long prompts with the full
-cache and with compressed caches, print answers / memory / time, and draw what was kept."""
+"""``mixkv demo``: the main job. Load a trained model offline (by default our toy VLM), answer
+questions with the full cache and with compressed caches, print answers / KV memory / time,
+and write a PNG of what each method kept."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import report
-from ..prefill import build_cache, greedy_decode, shared_prefill
+from ..prefill import Prefill, build_cache, greedy_decode, shared_prefill
 from ..press import cache_kv_bytes, press
 from ..registry import make_method
-from ..testbeds import tasks as task_suite
-from .common import load, machine_description, parse_list, setup_threads
+from .common import TOY_VLM, load, machine_description, parse_list, setup_threads
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="answer generated long prompts with full and compressed caches")
-    p.add_argument("--model", default="smollm2-135m")
+    p = sub.add_parser("demo", help="answer generated prompts with full and compressed caches")
+    p.add_argument("--model", default=TOY_VLM, help=f"{TOY_VLM} (default), smollm2-135m, or a checkpoint")
     p.add_argument("--methods", default="full,snapkv,snapkv+mixkv,adakv,adakv+mixkv")
     p.add_argument("--budget", type=int, default=64)
     p.add_argument("--window", type=int, default=32)
-    p.add_argument("--tasks", default="passkey,kv_retrieval,redundant")
-    p.add_argument("--length", type=int, default=1500)
+    p.add_argument("--tasks", default=None, help="toy-vlm: colour,shape,text; LLMs: passkey,kv_retrieval,redundant")
+    p.add_argument("--length", type=int, default=1500, help="LLM prompts: length in tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="out/demo.png", help="PNG of the kept tokens")
     p.set_defaults(run=run)
 
 
-def _answer_positions(tokenizer, text: str, needle: str) -> list[int]:
-    """Token positions of the first occurrence of ``needle`` in the prompt text (for the picture)."""
-    at = text.find(needle)
-    if at < 0:
-        return []
-    try:
-        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    except (NotImplementedError, TypeError, ValueError):
-        return []
-    end = at + len(needle)
-    return [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > at]
+@dataclass
+class Prompt:
+    """One demo question: model inputs, expected answer, scorer, and what to draw."""
+
+    task: str
+    inputs: dict
+    answer: str
+    score: object
+    picture: dict
+
+
+def _vlm_prompts(processor, tasks: list[str], seed: int) -> list[Prompt]:
+    from ..testbeds.toyvlm import generator as gen
+
+    out = []
+    for i, task in enumerate(tasks):
+        s = gen.make_sample(seed + i, task=task)
+        inputs = processor.sample_inputs(s)
+        start = processor.image_start(inputs["input_ids"])
+        out.append(Prompt(task, inputs, s.answer, lambda text, s=s: gen.score(s, text),
+                          {"image": s.image, "grid": (gen.GRID, gen.GRID), "answer_patches": s.answer_patches,
+                           "image_positions": list(range(start, start + gen.NUM_PATCHES)),
+                           "question": s.question}))
+    return out
+
+
+def _text_prompts(tokenizer, tasks: list[str], seed: int, length: int) -> list[Prompt]:
+    from ..testbeds import tasks as task_suite
+
+    out = []
+    for s in task_suite.make_suite(task_suite.validate_tasks(tasks), 1, seed, length, tokenizer):
+        text = task_suite.build_prompt(tokenizer, s)
+        enc = dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+        out.append(Prompt(s.task, enc, s.answer, lambda t, s=s: task_suite.score(s, t), {"text": text}))
+    return out
+
+
+def _answer(model, pre: Prefill, method, max_new_tokens: int, eos: set[int]):
+    """Decode one method from the shared prefill: (tokens, plans, KV bytes, compress s, decode s)."""
+    start = time.perf_counter()
+    if method is None:
+        cache, plans, secs = build_cache(pre, None, None)
+        nbytes = cache_kv_bytes(cache)
+        tokens = greedy_decode(model, cache, pre.logits, max_new_tokens, eos)
+    else:
+        with press(model, method) as session:
+            cache, plans, secs = build_cache(pre, method, session)
+            nbytes = cache_kv_bytes(cache)
+            tokens = greedy_decode(model, cache, pre.logits, max_new_tokens, eos)
+    return tokens, plans, nbytes, secs, time.perf_counter() - start - secs
 
 
 def run(args) -> int:
@@ -47,56 +87,58 @@ def run(args) -> int:
     methods = parse_list(args.methods)
     for name in methods:  # fail before loading anything
         make_method(name, budget=args.budget, window=args.window)
+    is_vlm = args.model == TOY_VLM
     t0 = time.perf_counter()
-    model, tokenizer = load(args.model)
+    model, processor = load(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s on {machine_description()}")
-    samples = task_suite.make_suite(task_suite.validate_tasks(parse_list(args.tasks)), 1, args.seed,
-                                    args.length, tokenizer)
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    rows, picture = [], None
-    for sample in samples:
-        text = task_suite.build_prompt(tokenizer, sample)
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        pre = shared_prefill(model, dict(enc), window=args.window)
-        print(f"\n[{sample.task}] {pre.prompt_length} prompt tokens, prefill {pre.seconds:.1f} s; "
-              f"expected answer: {sample.answer}")
-        full_bytes = None
-        kept = {}
+    if is_vlm:
+        prompts = _vlm_prompts(processor, parse_list(args.tasks or "colour,shape,text"), args.seed)
+    else:
+        prompts = _text_prompts(processor, parse_list(args.tasks or "passkey,kv_retrieval,redundant"), args.seed,
+                                args.length)
+    decode = processor.decode if hasattr(processor, "decode") else processor.tokenizer.decode
+    eos = {processor.eos_token_id} if processor.eos_token_id is not None else set()
+    rows, drawn = [], None
+    num_layers = None
+    for prompt in prompts:
+        pre = shared_prefill(model, prompt.inputs, window=args.window)
+        num_layers = len(pre.layers)
+        question = prompt.picture.get("question", f"{prompt.task} prompt")
+        print(f"\n[{prompt.task}] {question} — {pre.prompt_length} prompt tokens, prefill {pre.seconds:.1f} s, "
+              f"expected: {prompt.answer}")
+        full_bytes, kept = None, {}
         for name in methods:
             method = make_method(name, budget=args.budget, window=args.window)
-            start = time.perf_counter()
-            if method is None:
-                cache, plans, secs = build_cache(pre, None, None)
-                tokens = greedy_decode(model, cache, pre.logits, args.max_new_tokens, eos)
-            else:
-                with press(model, method) as session:
-                    cache, plans, secs = build_cache(pre, method, session)
-                    nbytes = cache_kv_bytes(cache)
-                    tokens = greedy_decode(model, cache, pre.logits, args.max_new_tokens, eos)
-            decode_s = time.perf_counter() - start - secs
-            if method is None:
-                nbytes = pre.prompt_length * 2 * sum(c.keys.shape[1] * c.keys.shape[3] * c.keys.element_size()
-                                                     for c in pre.layers)
-                full_bytes = nbytes
-            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            ok = task_suite.score(sample, answer) == 1.0
+            tokens, plans, nbytes, secs, dec = _answer(model, pre, method, args.max_new_tokens, eos)
+            full_bytes = nbytes if method is None else full_bytes
+            text = decode(tokens, skip_special_tokens=True).strip()
+            ok = prompt.score(text) == 1.0
+            print(f"  {name:<16} {'right' if ok else 'wrong'}  {text!r}")
             share = f"{100 * nbytes / full_bytes:.1f}%" if full_bytes else "-"
-            rows.append([sample.task, name, "yes" if ok else "no", answer[:28], f"{nbytes / 2**20:.2f}", share,
-                         f"{1000 * secs:.0f}", f"{decode_s:.2f}"])
-            kept[name] = plans
-        if picture is None:
-            needle = sample.meta.get("needle") or sample.answer
-            picture = (sample, pre.prompt_length, kept, _answer_positions(tokenizer, text, needle))
+            rows.append([prompt.task, name, "yes" if ok else "no", f"{nbytes / 2**20:.2f}", share,
+                         f"{1000 * secs:.0f}", f"{1000 * dec / max(len(tokens) - 1, 1):.0f}"])
+            if plans:
+                kept[name] = plans
+        if drawn is None or prompt.task == "text":
+            drawn = (prompt, pre.prompt_length, kept)
         del pre
     print()
-    print(report.format_table(["task", "method", "right", "answer", "KV MiB", "of full", "compress ms",
-                               "decode s"], rows))
-    if picture is not None and args.out:
-        from ..plots import plot_kept_positions
+    print(report.format_table(["task", "method", "right", "KV MiB", "of full", "compress ms", "decode ms/token"],
+                              rows))
+    if drawn is not None and drawn[2] and args.out:
+        prompt, n, kept = drawn
+        path = Path(args.out)
+        title = f"{args.model}: kept tokens at budget {args.budget}/head"
+        if "image" in prompt.picture:
+            from ..analysis import plot_kept_patches
 
-        sample, n, kept, marks = picture
-        path = plot_kept_positions(kept, n, Path(args.out), marks=marks,
-                                   title=f"{args.model}, {sample.task}: kept tokens at budget {args.budget} "
-                                         f"(share of KV heads keeping each position)")
+            pic = prompt.picture
+            plot_kept_patches(pic["image"], pic["grid"], pic["image_positions"], kept, num_layers, n, path,
+                              title=f"{title} — {pic['question']} (answer {prompt.answer})",
+                              answer_patches=pic["answer_patches"])
+        else:
+            from ..plots import plot_kept_positions
+
+            plot_kept_positions(kept, n, path, title=f"{title} (share of KV heads keeping each position)")
         print(f"\nwrote {path}")
     return 0

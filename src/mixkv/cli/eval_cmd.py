@@ -9,15 +9,17 @@ from pathlib import Path
 from .. import report
 from ..evaluation import EvalConfig, evaluate, mean_over_tasks, text_items
 from ..testbeds import tasks as task_suite
-from .common import load, machine_description, parse_list, setup_threads, write_json
+from .common import TOY_VLM, load, machine_description, parse_list, setup_threads, write_json
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="accuracy of methods x budgets on a generated task suite")
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a local directory or a hub id")
+    p.add_argument("--model", default="smollm2-135m",
+                   help=f"smollm2-135m, {TOY_VLM} (our trained VLM), a local directory or a hub id")
     p.add_argument("--methods", default="full,snapkv,snapkv+mixkv,pyramidkv,pyramidkv+mixkv")
     p.add_argument("--budgets", default="64,128,256")
-    p.add_argument("--tasks", default=",".join(task_suite.TASKS))
+    p.add_argument("--tasks", default=None,
+                   help=f"default: all text tasks ({','.join(task_suite.TASKS)}); {TOY_VLM}: colour,shape,text")
     p.add_argument("--length", type=int, default=1500, help="prompt length in tokens (approximate)")
     p.add_argument("--n", type=int, default=20, help="samples per task")
     p.add_argument("--seed", type=int, default=0)
@@ -38,11 +40,23 @@ def run(args) -> int:
                         max_new_tokens=args.max_new_tokens, window=args.window, profile=args.profile,
                         redundancy=args.redundancy)
     config.validate()
-    names = task_suite.validate_tasks(parse_list(args.tasks))
     start = time.perf_counter()
-    model, tokenizer = load(args.model, args.dtype)
-    samples = task_suite.make_suite(names, args.n, args.seed, args.length, tokenizer)
-    items = text_items(tokenizer, samples, task_suite.build_prompt, task_suite.score, model.device)
+    if args.model == TOY_VLM:
+        from ..testbeds.toyvlm import generator as gen
+        from ..testbeds.toyvlm.model import eval_items
+
+        names = parse_list(args.tasks or ",".join(gen.DEFAULT_TASKS))
+        unknown = [t for t in names if t not in gen.TASKS]
+        if unknown:
+            raise ValueError(f"unknown toy-vlm task(s) {unknown}; accepted: {', '.join(gen.TASKS)}")
+        model, tokenizer = load(args.model, args.dtype)
+        samples = [gen.make_sample(args.seed + i, task=t) for t in names for i in range(args.n)]
+        items = eval_items(tokenizer, samples)
+    else:
+        names = task_suite.validate_tasks(parse_list(args.tasks or ",".join(task_suite.TASKS)))
+        model, tokenizer = load(args.model, args.dtype)
+        samples = task_suite.make_suite(names, args.n, args.seed, args.length, tokenizer)
+        items = text_items(tokenizer, samples, task_suite.build_prompt, task_suite.score, model.device)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     out = evaluate(model, items, config, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), eos)
     results = out["results"] + mean_over_tasks(out["results"])

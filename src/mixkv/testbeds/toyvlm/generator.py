@@ -1,0 +1,371 @@
+"""Seeded synthetic "document" images for the toy VLM: a 16x16 grid of cells, almost all background.
+
+Why this design: KV-cache compression must be able to hurt the model, so an answer has to live in a
+few visual tokens among many redundant ones -- like the text of a scanned page or the marks of a chart
+on a blank canvas. Each image is ``GRID x GRID`` cells of ``CELL`` pixels; one cell is exactly one
+vision patch and hence one visual token (row-major: token ``row * GRID + col`` of the image). The
+background is uniform or a texture that repeats every cell (so all background cells are pixel-identical
+within an image); a few cells hold a coloured shape, and four consecutive cells of one row hold a short
+code written in a built-in 5x7 pixel font (``K7P2``: letter, digit, letter, digit).
+
+Every sample is generated from its own ``random.Random(seed)`` (never global state), so a seed gives
+the same image, question and answer on every machine; the drawing uses only PIL primitives and the
+font table below (no system fonts).
+
+Tasks (``TASKS``)
+-----------------
+``colour``  "What colour is the star?"        -> "The star is red."          (answer ``red``)
+``shape``   "Which shape is red?"             -> "The red shape is a star."  (answer ``star``)
+``text``    "What does the text say?"         -> "The text says K7P2."       (answer ``K7P2``)
+``count``   "How many shapes are there?"      -> "There are 4 shapes."       (answer ``4``; not trained
+            by default, see the model card)
+
+Replies start with fixed words ("The ...") on purpose: the first generated token comes from the
+prefill, which always sees the full prompt, so the informative token must come after it for a
+compressed cache to matter.
+
+Each sample knows where its answer is: ``answer_cells`` ((row, col) pairs) and ``answer_patches``
+(indices among the image's ``GRID * GRID`` visual tokens); add the position of the first image token
+in ``input_ids`` to get prompt positions (``ToyVLMProcessor.answer_positions`` does this).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "CELL",
+    "COLOURS",
+    "GLYPHS",
+    "GRID",
+    "IMAGE_SIZE",
+    "NUM_PATCHES",
+    "SHAPES",
+    "TASKS",
+    "Element",
+    "Sample",
+    "Scene",
+    "cell_words",
+    "extract_answer",
+    "make_sample",
+    "make_samples",
+    "make_scene",
+    "questions_for",
+    "render",
+    "score",
+]
+
+GRID = 16  # cells per side -> GRID * GRID = 256 visual tokens
+CELL = 16  # pixels per cell = vision patch size
+IMAGE_SIZE = GRID * CELL
+NUM_PATCHES = GRID * GRID
+ELEMENT_ROWS = GRID - 1  # no element in the last row (it falls in the compression window of short prompts)
+
+# Names are single SmolLM2 tokens with a leading space (" red", " star", ...).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 205, 20),
+    "orange": (245, 130, 20),
+    "purple": (140, 50, 180),
+    "pink": (245, 120, 190),
+    "brown": (130, 80, 30),
+}
+SHAPES = ("star", "circle", "square", "triangle", "heart", "cross", "diamond")
+TASKS = ("colour", "shape", "text", "count")
+DEFAULT_TASKS = ("colour", "shape", "text")
+
+# 5x7 pixel font, drawn at 2x (10x14 pixels) in a 16-pixel cell. Letters that look like digits
+# (O, I, S, Z, B, G, Q, D, J, W) are left out so every glyph is unambiguous.
+_FONT: dict[str, tuple[str, ...]] = {
+    "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
+    "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
+    "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
+    "3": ("11111", "00010", "00100", "00010", "00001", "10001", "01110"),
+    "4": ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
+    "5": ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
+    "6": ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
+    "7": ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
+    "8": ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
+    "9": ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
+    "A": ("01110", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "C": ("01110", "10001", "10000", "10000", "10000", "10001", "01110"),
+    "E": ("11111", "10000", "10000", "11110", "10000", "10000", "11111"),
+    "F": ("11111", "10000", "10000", "11110", "10000", "10000", "10000"),
+    "H": ("10001", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "K": ("10001", "10010", "10100", "11000", "10100", "10010", "10001"),
+    "L": ("10000", "10000", "10000", "10000", "10000", "10000", "11111"),
+    "M": ("10001", "11011", "10101", "10101", "10001", "10001", "10001"),
+    "N": ("10001", "10001", "11001", "10101", "10011", "10001", "10001"),
+    "P": ("11110", "10001", "10001", "11110", "10000", "10000", "10000"),
+    "R": ("11110", "10001", "10001", "11110", "10100", "10010", "10001"),
+    "T": ("11111", "00100", "00100", "00100", "00100", "00100", "00100"),
+    "U": ("10001", "10001", "10001", "10001", "10001", "10001", "01110"),
+    "V": ("10001", "10001", "10001", "10001", "10001", "01010", "00100"),
+    "X": ("10001", "10001", "01010", "00100", "01010", "10001", "10001"),
+    "Y": ("10001", "10001", "01010", "00100", "00100", "00100", "00100"),
+}
+DIGITS = tuple(c for c in _FONT if c.isdigit())
+LETTERS = tuple(c for c in _FONT if c.isalpha())
+GLYPHS = DIGITS + LETTERS
+CODE_LENGTH = 4
+
+_BACKGROUNDS = ((255, 255, 255), (246, 244, 236), (236, 240, 246), (242, 242, 242))
+_TEXTURES = ("plain", "dots", "grid", "lines")
+_TEXTURE_INK = (200, 200, 205)
+_GLYPH_INK = (20, 20, 20)
+
+
+@dataclass(frozen=True)
+class Element:
+    """One informative cell: a coloured shape (``kind="shape"``) or one glyph of the code (``"glyph"``)."""
+
+    kind: str
+    row: int
+    col: int
+    name: str  # shape name or glyph character
+    colour: str | None = None
+
+    @property
+    def patch(self) -> int:
+        return self.row * GRID + self.col
+
+    @property
+    def words(self) -> str:
+        """What the cell shows, in words: ``"red star"`` or ``"K"``."""
+        return f"{self.colour} {self.name}" if self.kind == "shape" else self.name
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image's content: background style and the informative elements."""
+
+    seed: int
+    background: tuple[int, int, int]
+    texture: str
+    elements: tuple[Element, ...]
+
+    @property
+    def shapes(self) -> tuple[Element, ...]:
+        return tuple(e for e in self.elements if e.kind == "shape")
+
+    @property
+    def glyphs(self) -> tuple[Element, ...]:
+        return tuple(e for e in self.elements if e.kind == "glyph")
+
+    @property
+    def code(self) -> str:
+        return "".join(e.name for e in self.glyphs)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and one question.
+
+    ``answer`` is the item scored (``"red"``, ``"star"``, ``"K7P2"``, ``"4"``); ``reply`` the full sentence
+    the model was trained to give; ``answer_cells`` / ``answer_patches`` where the answer is drawn
+    (``patch = row * GRID + col``, the index among the image's visual tokens).
+    """
+
+    seed: int
+    task: str
+    question: str
+    answer: str
+    reply: str
+    answer_cells: tuple[tuple[int, int], ...]
+    scene: Scene = field(hash=False)
+    choices: tuple[str, ...] = field(default=(), hash=False)
+
+    @property
+    def answer_patches(self) -> tuple[int, ...]:
+        return tuple(r * GRID + c for r, c in self.answer_cells)
+
+    @property
+    def image(self) -> Image.Image:
+        return render(self.scene)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"seed": self.seed, "task": self.task, "answer_patches": list(self.answer_patches),
+                "choices": list(self.choices)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scenes
+
+
+def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5)) -> Scene:
+    """A random scene: ``n_shapes`` (inclusive range) shapes of distinct kinds and colours plus one code."""
+    rng = random.Random(seed)
+    background = rng.choice(_BACKGROUNDS)
+    texture = rng.choice(_TEXTURES)
+    occupied: set[tuple[int, int]] = set()
+
+    def free(r: int, c: int) -> bool:  # the cell and its 8 neighbours are empty
+        return all((r + dr, c + dc) not in occupied for dr in (-1, 0, 1) for dc in (-1, 0, 1))
+
+    row = rng.randrange(ELEMENT_ROWS)
+    col = rng.randrange(GRID - CODE_LENGTH + 1)
+    chars = [rng.choice(LETTERS) if i % 2 == 0 else rng.choice(DIGITS) for i in range(CODE_LENGTH)]
+    elements = [Element("glyph", row, col + i, ch) for i, ch in enumerate(chars)]
+    occupied.update((row, col + i) for i in range(CODE_LENGTH))
+
+    k = rng.randint(*n_shapes)
+    kinds = rng.sample(SHAPES, k)
+    colours = rng.sample(sorted(COLOURS), k)
+    for kind, colour in zip(kinds, colours):
+        while True:
+            r, c = rng.randrange(ELEMENT_ROWS), rng.randrange(GRID)
+            if free(r, c):
+                break
+        occupied.add((r, c))
+        elements.append(Element("shape", r, c, kind, colour))
+    elements.sort(key=lambda e: e.patch)
+    return Scene(seed=seed, background=background, texture=texture, elements=tuple(elements))
+
+
+def _star(cx: float, cy: float, outer: float, inner: float) -> list[tuple[float, float]]:
+    import math
+
+    pts = []
+    for i in range(10):
+        radius = outer if i % 2 == 0 else inner
+        angle = -math.pi / 2 + i * math.pi / 5
+        pts.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return pts
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, x: int, y: int, kind: str, fill: tuple[int, int, int]) -> None:
+    if kind == "circle":
+        draw.ellipse([x + 2, y + 2, x + 13, y + 13], fill=fill)
+    elif kind == "square":
+        draw.rectangle([x + 3, y + 3, x + 12, y + 12], fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(x + 7.5, y + 1), (x + 14, y + 13), (x + 1, y + 13)], fill=fill)
+    elif kind == "diamond":
+        draw.polygon([(x + 7.5, y + 0.5), (x + 14.5, y + 7.5), (x + 7.5, y + 14.5), (x + 0.5, y + 7.5)], fill=fill)
+    elif kind == "star":
+        draw.polygon(_star(x + 7.5, y + 8, 7.5, 3.2), fill=fill)
+    elif kind == "cross":
+        draw.rectangle([x + 6, y + 1, x + 9, y + 14], fill=fill)
+        draw.rectangle([x + 1, y + 6, x + 14, y + 9], fill=fill)
+    elif kind == "heart":
+        draw.ellipse([x + 1, y + 2, x + 8, y + 9], fill=fill)
+        draw.ellipse([x + 7, y + 2, x + 14, y + 9], fill=fill)
+        draw.polygon([(x + 1.5, y + 7), (x + 13.5, y + 7), (x + 7.5, y + 14)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {kind!r}")
+
+
+def _draw_glyph(draw: ImageDraw.ImageDraw, x: int, y: int, ch: str) -> None:
+    for j, bits in enumerate(_FONT[ch]):
+        for i, bit in enumerate(bits):
+            if bit == "1":
+                px, py = x + 3 + 2 * i, y + 1 + 2 * j
+                draw.rectangle([px, py, px + 1, py + 1], fill=_GLYPH_INK)
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw ``scene`` as an ``IMAGE_SIZE`` x ``IMAGE_SIZE`` RGB image (deterministic, no fonts)."""
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
+    draw = ImageDraw.Draw(img)
+    for r in range(GRID):  # a texture that repeats every cell: all background cells are identical
+        for c in range(GRID):
+            x, y = c * CELL, r * CELL
+            if scene.texture == "dots":
+                draw.rectangle([x + 7, y + 7, x + 8, y + 8], fill=_TEXTURE_INK)
+            elif scene.texture == "grid":
+                draw.line([x, y, x + CELL - 1, y], fill=_TEXTURE_INK)
+                draw.line([x, y, x, y + CELL - 1], fill=_TEXTURE_INK)
+            elif scene.texture == "lines":
+                draw.line([x, y + 12, x + CELL - 1, y + 12], fill=_TEXTURE_INK)
+    for e in scene.elements:
+        x, y = e.col * CELL, e.row * CELL
+        draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=scene.background)  # elements hide the texture
+        if e.kind == "shape":
+            _draw_shape(draw, x, y, e.name, COLOURS[e.colour])
+        else:
+            _draw_glyph(draw, x, y, e.name)
+    return img
+
+
+def cell_words(scene: Scene) -> list[str]:
+    """Per visual token (row-major), what its cell shows in words: ``"blank"``, ``"red star"`` or ``"K"``."""
+    words = ["blank"] * NUM_PATCHES
+    for e in scene.elements:
+        words[e.patch] = e.words
+    return words
+
+
+# ---------------------------------------------------------------------------------------------------------
+# questions
+
+
+def questions_for(scene: Scene, task: str, rng: random.Random) -> Sample:
+    """One question of kind ``task`` about ``scene`` (the target element drawn from ``rng``)."""
+    if task == "colour":
+        e = rng.choice(scene.shapes)
+        return Sample(scene.seed, task, f"What colour is the {e.name}?", e.colour, f"The {e.name} is {e.colour}.",
+                      ((e.row, e.col),), scene, tuple(COLOURS))
+    if task == "shape":
+        e = rng.choice(scene.shapes)
+        return Sample(scene.seed, task, f"Which shape is {e.colour}?", e.name,
+                      f"The {e.colour} shape is a {e.name}.", ((e.row, e.col),), scene, SHAPES)
+    if task == "text":
+        cells = tuple((g.row, g.col) for g in scene.glyphs)
+        return Sample(scene.seed, task, "What does the text say?", scene.code, f"The text says {scene.code}.",
+                      cells, scene)
+    if task == "count":
+        n = len(scene.shapes)
+        cells = tuple((e.row, e.col) for e in scene.shapes)
+        return Sample(scene.seed, task, "How many shapes are there?", str(n), f"There are {n} shapes.", cells,
+                      scene)
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def make_sample(seed: int, task: str | None = None, tasks: tuple[str, ...] = DEFAULT_TASKS) -> Sample:
+    """The sample of ``seed``: its scene, and a question of ``task`` (drawn from ``tasks`` when None)."""
+    scene = make_scene(seed)
+    rng = random.Random(seed * 7919 + 17)  # question choice independent of the scene's draws
+    chosen = task if task is not None else rng.choice(tasks)
+    return questions_for(scene, chosen, rng)
+
+
+def make_samples(n: int, seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS) -> list[Sample]:
+    """``n`` samples cycling through ``tasks`` (so each task gets ``n / len(tasks)``), seeds ``seed``..``seed+n-1``."""
+    return [make_sample(seed + i, tasks[i % len(tasks)]) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scoring
+
+_CODE = re.compile(rf"\b[A-Z0-9]{{{CODE_LENGTH}}}\b")
+_NUMBER = re.compile(r"\d+")
+_WORD = re.compile(r"[a-z]+")
+
+
+def extract_answer(sample: Sample, text: str) -> str | None:
+    """The first item of the reply that could answer ``sample``'s question (None when there is none).
+
+    Colour / shape: the first word that is a colour / shape name; text: the first run of exactly
+    ``CODE_LENGTH`` upper-case letters and digits; count: the first number.
+    """
+    if sample.task in ("colour", "shape"):
+        for word in _WORD.findall(text.lower()):
+            if word in sample.choices:
+                return word
+        return None
+    pattern = _CODE if sample.task == "text" else _NUMBER
+    m = pattern.search(text)
+    return m.group(0) if m else None
+
+
+def score(sample: Sample, text: str) -> float:
+    """1.0 when the first candidate answer in ``text`` equals ``sample.answer``, else 0.0."""
+    return float(extract_answer(sample, text) == sample.answer)

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--n", type=int, default=20, help="samples per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=20,
+                   help="the LLM answers with a sentence before the value: 10 tokens can cut it off")
     p.add_argument("--profile", default=None, help="calibration profile (SparseMM head scores, offline redundancy)")
     p.add_argument("--redundancy", default="online", choices=["online", "profile"])
     p.add_argument("--dtype", default="float32")

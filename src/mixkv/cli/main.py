@@ -6,21 +6,15 @@ import argparse
 import logging
 import sys
 
-from . import analyze, calibrate, compare, demo, eval_cmd
+from . import analyze, bench, calibrate, compare, demo, eval_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixkv", description="KV-cache compression for HF VLMs and LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows attention paths)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, eval_cmd, calibrate, analyze, compare):
+    for module in (demo, eval_cmd, calibrate, analyze, compare, bench):
         module.add_parser(sub)
-    try:
-        from . import bench
-
-        bench.add_parser(sub)
-    except ImportError:  # pragma: no cover - bench is optional while it is being built
-        pass
     return parser
 
 

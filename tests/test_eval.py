@@ -88,3 +88,12 @@ def test_full_cache_equals_budget_covering_prompt():
         assert by[(i, "full")] == by[(i, "snapkv+mixkv")] == by[(i, "adakv")]
     means = mean_over_tasks(out["results"])
     assert {m["method"] for m in means} == {"full", "snapkv+mixkv", "adakv"}
+
+
+def test_eval_replots_from_json(tiny_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_dir), "--methods", "full,snapkv", "--budgets", "40", "--window", "8",
+                 "--n", "1", "--length", "120", "--max-new-tokens", "2", "--threads", "1", "--json", str(out)]) == 0
+    plot = tmp_path / "again.png"
+    assert main(["eval", "--from-json", str(out), "--plot", str(plot)]) == 0
+    assert plot.stat().st_size > 1000

@@ -32,10 +32,28 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write results here (JSON)")
     p.add_argument("--plot", default=None, help="write a PNG of accuracy vs budget here")
+    p.add_argument("--from-json", default=None, help="no run: print the table and draw --plot from this JSON")
     p.set_defaults(run=run)
 
 
+def _title(payload: dict) -> str:
+    cfg = payload["config"]
+    tokens = cfg.get("prompt_tokens") or {}
+    span = f"{tokens.get('min')}-{tokens.get('max')} prompt tokens" if tokens else ""
+    return f"{payload['model']}: accuracy vs budget (n={cfg.get('n')}/task, {span})"
+
+
+def replot(args) -> int:
+    payload = load_results(args.from_json)
+    print(report.accuracy_tables(payload["results"]))
+    if args.plot:
+        print(f"wrote {report.plot_accuracy(payload['results'], args.plot, _title(payload))}")
+    return 0
+
+
 def run(args) -> int:
+    if args.from_json:
+        return replot(args)
     threads = setup_threads(args.threads)
     config = EvalConfig(methods=parse_list(args.methods), budgets=parse_list(args.budgets, int),
                         max_new_tokens=args.max_new_tokens, window=args.window, profile=args.profile,
@@ -81,8 +99,7 @@ def run(args) -> int:
     if args.json:
         print(f"wrote {write_json(payload, args.json)}")
     if args.plot:
-        title = f"{args.model}: accuracy vs budget (n={args.n}/task, ~{args.length} tokens)"
-        print(f"wrote {report.plot_accuracy(results, args.plot, title)}")
+        print(f"wrote {report.plot_accuracy(results, args.plot, _title(payload))}")
     return 0
 
 

@@ -9,16 +9,11 @@ import torch
 from .selection import KeepPlan
 
 
-def kept_share(plans: dict[int, KeepPlan], num_layers: int, n: int, batch_index: int = 0) -> torch.Tensor:
-    """``(layers, n)``: the share of a layer's KV heads that kept each prompt position (1 = all)."""
-    out = torch.ones(num_layers, n)  # an uncompressed layer keeps everything
-    for layer, plan in plans.items():
-        idx, lengths = plan.indices[batch_index], plan.lengths[batch_index]
-        counts = torch.zeros(n)
-        for h in range(idx.shape[0]):  # small loop over heads: plotting only, never on the hot path
-            counts[idx[h, : lengths[h]]] += 1
-        out[layer] = counts / idx.shape[0]
-    return out
+def kept_share_per_layer(plans: dict[int, KeepPlan], num_layers: int, n: int) -> torch.Tensor:
+    """``(layers, n)``: the share of each layer's KV heads that kept each prompt position (1 = all)."""
+    from .analysis import kept_share
+
+    return torch.stack([kept_share(plans, num_layers, n, layer=layer) for layer in range(num_layers)])
 
 
 def plot_kept_positions(kept: dict[str, dict[int, KeepPlan]], n: int, path: Path, marks: list[int] | None = None,
@@ -36,7 +31,7 @@ def plot_kept_positions(kept: dict[str, dict[int, KeepPlan]], n: int, path: Path
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.3 + 1.5 * len(panels)), dpi=110, squeeze=False)
     image = None
     for ax, (name, plans) in zip(axes[:, 0], panels.items()):
-        share = kept_share(plans, num_layers, n)
+        share = kept_share_per_layer(plans, num_layers, n)
         image = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         ax.set_ylabel(f"{name}\nlayer", fontsize=8)
         ax.tick_params(labelsize=7)

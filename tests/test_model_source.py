@@ -156,3 +156,24 @@ def test_load_model_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert S.load_model("fake-source", torch.bfloat16, "eager") == (("fake", torch.bfloat16, "eager"), "proc")
     assert S.load_model("/some/local/dir") == ("model", "tok")
     assert seen == [("/some/local/dir", None, torch.float32, "sdpa")]
+
+
+def test_gguf_without_accelerate_uses_direct_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    import transformers
+
+    class FakeModel:
+        evaluated = False
+
+        def eval(self) -> FakeModel:
+            self.evaluated = True
+            return self
+
+    built: list[tuple] = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: ("tok", a, kw))
+    monkeypatch.setattr(S.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(S, "_load_gguf_without_accelerate", lambda *a: built.append(a) or FakeModel())
+    model, tok = S._load_pretrained("/cache", "m.gguf", torch.float32, "sdpa")
+    assert built == [("/cache", "m.gguf", torch.float32, "sdpa")]
+    assert model.evaluated
+    assert tok == ("tok", ("/cache",), {"gguf_file": "m.gguf"})

@@ -110,7 +110,7 @@ def test_passkey_invariants(seed: int, length: int, depth: float) -> None:
 def test_kv_retrieval_invariants(seed: int, length: int, depth: float, n_pairs: int) -> None:
     s = T.make_kv_retrieval(seed, length, depth=depth, n_pairs=n_pairs)
     key = s.meta["key"]
-    assert re.fullmatch(r"\d{4}", s.answer)
+    assert re.fullmatch(r"\d{3}", s.answer)
     assert whole_number_count(s.prompt, s.answer) == 1
     assert f"The secret number for {key} is {s.answer}." in s.prompt
     assert s.prompt.rstrip().endswith(f"What is the secret number for {key}? Answer with the number only.")
@@ -149,6 +149,22 @@ def test_redundant_invariants(seed: int, length: int, depth: float, n_informativ
     assert len(set(s.meta["informative"].values())) == n_informative
     pos = next(i for i, u in enumerate(units) if f"The {key} is" in u) / len(units)
     assert abs(pos - depth) < 0.05 + 5 / len(units)
+
+
+def test_kv_key_named_first_unless_disabled() -> None:
+    s = T.make_kv_retrieval(4, 600)
+    head = s.prompt.split("\n\n")[0]
+    assert f"Find the secret number for {s.meta['key']}." in head
+    plain = T.make_kv_retrieval(4, 600, ask_first=False)
+    assert s.meta["key"] not in plain.prompt.split("\n\n")[0]
+    assert plain.answer == s.answer
+
+
+def test_suite_options_reach_the_generator() -> None:
+    suite = T.make_suite(["kv_retrieval", "redundant"], 2, 0, 500, options={"kv_retrieval": {"n_pairs": 7}})
+    assert [s.meta.get("n_pairs") for s in suite] == [7, 7, None, None]
+    with pytest.raises(ValueError, match="accepted"):
+        T.make_suite(["passkey"], 1, 0, 500, options={"kv": {"n_pairs": 2}})
 
 
 def test_parameter_ranges_checked() -> None:

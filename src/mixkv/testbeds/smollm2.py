@@ -6,7 +6,9 @@ trained Llama-architecture chat model (30 layers, 9 query heads / 3 KV heads, he
 enough for CPU, real enough that KV-cache compression has an observable effect on answers.
 
 ``transformers`` reads GGUF files directly (it dequantises the Q4_1 weights to ``dtype`` at load time and
-rebuilds the tokenizer from the GGUF metadata), so no conversion step is needed.
+rebuilds the tokenizer from the GGUF metadata), so no conversion step is needed. Its GGUF path insists on
+``accelerate``; without it the same reader is called directly (bit-identical weights, see
+``_load_gguf_without_accelerate``), so ``accelerate`` need not be a dependency.
 
 Measured on a 2-core CPU box (torch 2.13 CPU, transformers 5.24, otherwise idle):
 

@@ -16,9 +16,10 @@ Every generator takes ``(seed, n_tokens, tokenizer=None, *, depth=None, ...)`` a
     Varied, digit-free filler sentences with "The pass key is NNNNN. Remember it." at ``depth``;
     the question asks for the pass key.
 ``kv_retrieval``
-    ``n_pairs`` (default 6) sentences "The secret number for <word> is NNNN." (distinct keys and values)
-    spread through varied filler; the question asks for one key's number. Distractors that look exactly
-    like the answer, so a method must keep the right one, not just "a number".
+    ``n_pairs`` (default 4) sentences "The secret number for <word> is NNN." (distinct keys and values)
+    spread through varied filler; the key is named at the start and the question at the end asks for it.
+    The distractors look exactly like the answer, so a method must keep the right one, not just "a
+    number".
 ``redundant``
     A page that is almost entirely one sentence repeated verbatim ("This part of the page is blank.")
     -- like the blank regions of an image or a scanned page -- with ``n_informative`` (default 3)
@@ -46,7 +47,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,19 +209,21 @@ def make_passkey(seed: int, n_tokens: int, tokenizer: Any = None, *, depth: floa
 # ---------------------------------------------------------------------------------------------------------
 # kv_retrieval and redundant
 
+# Common nouns from unrelated categories, one token each (with a leading space) in the SmolLM2 tokenizer
+# and absent from the filler: similar-looking multi-token keys ("ember" / "amber") were confused by the
+# 135M model, and a long key pushes the answer past a 10-token reply ("The secret number for zephyr is").
 _KEY_WORDS = (
-    "amber", "apple", "arrow", "badge", "berry", "birch", "blaze", "brook", "cabin", "candle", "cedar",
-    "chalk", "cliff", "cloud", "comet", "coral", "crane", "daisy", "delta", "dune", "eagle", "ember",
-    "fern", "flint", "frost", "gate", "ginger", "glade", "grape", "harbor", "hazel", "heron", "honey",
-    "iris", "ivory", "jade", "jasper", "kettle", "lemon", "lilac", "linen", "lotus", "maple", "marble",
-    "meadow", "mint", "moss", "nectar", "north", "oak", "olive", "opal", "orchid", "otter", "pearl",
-    "pepper", "pine", "plum", "quartz", "quill", "raven", "reed", "ridge", "river", "robin", "rose",
-    "ruby", "sage", "salt", "shadow", "silver", "slate", "spruce", "stone", "storm", "thistle", "tiger",
-    "topaz", "tulip", "valley", "velvet", "violet", "walnut", "willow", "winter", "wren", "zephyr",
+    "apple", "chair", "tiger", "piano", "rocket", "candle", "pencil", "island", "mirror", "castle",
+    "bottle", "dragon", "jacket", "ladder", "lemon", "needle", "pillow", "rabbit", "tunnel", "violin",
+    "wallet", "anchor", "basket", "button", "camera", "carpet", "cheese", "cookie", "copper", "doctor",
+    "engine", "farmer", "guitar", "hammer", "helmet", "kitten", "magnet", "monkey", "ocean", "parrot",
+    "pepper", "planet", "pocket", "potato", "pumpkin", "puzzle", "queen", "robot", "salad", "shovel",
+    "spider", "statue", "summer", "sword", "table", "tomato", "tower", "turtle", "wagon", "whale", "zebra",
+    "horse", "snake", "shark", "sheep", "frog", "wolf", "lion", "deer",
 )  # fmt: skip
-
+_KV_DIGITS = 3  # 4 digits plus the model's restated question overran a 10-token reply
 _PAIR = "The secret number for {key} is {value}."
-_PAIR_QUESTION = "\n\nWhat is the secret number for {key}? Answer with the number only."
+_KV_QUESTION = "\n\nWhat is the secret number for {key}? Answer with the number only."
 
 
 def _insert_at(units: list[str], items: list[str], slots: list[int]) -> list[str]:
@@ -233,31 +236,44 @@ def _insert_at(units: list[str], items: list[str], slots: list[int]) -> list[str
 
 
 def make_kv_retrieval(
-    seed: int, n_tokens: int, tokenizer: Any = None, *, depth: float | None = None, n_pairs: int = 6
+    seed: int,
+    n_tokens: int,
+    tokenizer: Any = None,
+    *,
+    depth: float | None = None,
+    n_pairs: int = 4,
+    ask_first: bool = True,
 ) -> Sample:
-    """Key-value lookup: ``n_pairs`` "The secret number for <word> is NNNN." sentences in varied filler.
+    """Key-value lookup: ``n_pairs`` "The secret number for <word> is NNN." sentences in varied filler.
 
     All keys and values are distinct; the queried pair sits at ``depth`` of the text (random in
-    10%..90% when None), the others at random places. The defaults are what SmolLM2-135M can do with
-    the full cache: a bare list of ``key "a-b": value "NNNN"`` lines scored 0/4 at 1k tokens, and one
-    pair per three filler sentences (~20 pairs per 1k tokens) about 50%; 6 pairs scored 6/6 at 1.5k.
-    Larger models can take more pairs.
+    10%..90% when None), the others at random places. With ``ask_first`` the key is also named before
+    the text (the question at the end stays, for methods that score the prompt's last tokens).
+
+    The defaults are what SmolLM2-135M manages with the full cache (greedy, 10 new tokens): a bare list
+    of ``key "a-b": value "NNNN"`` lines scored 0/4 at 1k tokens; ~20 pairs per 1k tokens about 50%;
+    6 pairs 5/6 at 1k but 3/6 at 2k (it answers with a distractor placed after the target), 6/6 and 4/6
+    when also asked first; 4 pairs asked first 5/6 at 2k. Larger models can take more pairs.
     """
     if not 1 <= n_pairs <= len(_KEY_WORDS):
         raise ValueError(f"n_pairs must be in 1..{len(_KEY_WORDS)}, got {n_pairs}")
     rng = random.Random(seed)
     depth = _depth_or_random(rng, depth)
     keys = rng.sample(_KEY_WORDS, n_pairs)
-    values = [str(v) for v in rng.sample(range(1000, 10000), n_pairs)]
+    values = [str(v) for v in rng.sample(range(10 ** (_KV_DIGITS - 1), 10**_KV_DIGITS), n_pairs)]
     layout_seed = rng.getrandbits(64)
-    head = "Some secret numbers are hidden in the text below. Remember them.\n\n"
+    head = (
+        f"Some secret numbers are hidden in the text below. Find the secret number for {keys[0]}.\n\n"
+        if ask_first
+        else "Some secret numbers are hidden in the text below. Remember them.\n\n"
+    )
     pairs = [_PAIR.format(key=k, value=v) for k, v in zip(keys, values, strict=True)]
 
     def build(n_filler: int) -> str:
         lrng = random.Random(layout_seed)
         filler = [lrng.choice(_FILLER) for _ in range(n_filler)]
         slots = [round(depth * n_filler)] + [lrng.randint(0, n_filler) for _ in range(n_pairs - 1)]
-        return head + " ".join(_insert_at(filler, pairs, slots)) + _PAIR_QUESTION.format(key=keys[0])
+        return head + " ".join(_insert_at(filler, pairs, slots)) + _KV_QUESTION.format(key=keys[0])
 
     prompt, n_filler = _fit(build, n_tokens, token_counter(tokenizer), n_tokens // 12)
     return Sample(
@@ -298,7 +314,8 @@ def make_redundant(
     copy of the same blank unit ("This part of the page is blank."); ``n_informative`` units state a
     distinct fact ("The door code is 4821."); the question asks for one, placed at ``depth``.
     Numbered cells ("cell 12: empty" / "cell 37: the colour is green") were tried first: SmolLM2-135M
-    scored 0-1/5 with the full cache on colour answers and numbered lookups.
+    scored 0-2/5 with the full cache on colour answers and on numbered-cell lookups, and 3-5/6 when the
+    facts shared one template ("The secret number for X is N.").
     """
     if not 1 <= n_informative <= len(_FACTS):
         raise ValueError(f"n_informative must be in 1..{len(_FACTS)}, got {n_informative}")
@@ -313,6 +330,7 @@ def make_redundant(
         values.append(value)
     names = [name for name, _ in facts]
     layout_seed = rng.getrandbits(64)
+    sentences = [f"The {name} is {value}." for name, value in zip(names, values, strict=True)]
     head = "Below is the text of a page. Most of the page is blank. A few facts are written on it.\n\n"
     question = f"\n\nWhat is the {names[0]}? Answer with the number only."
 
@@ -321,8 +339,7 @@ def make_redundant(
         lrng = random.Random(layout_seed)
         target = round(depth * n_blank)
         others = lrng.sample([i for i in range(n_blank + 1) if i != target], n_informative - 1)
-        facts = [f"The {name} is {value}." for name, value in zip(names, values, strict=True)]
-        return head + " ".join(_insert_at([_BLANK] * n_blank, facts, [target, *others])) + question
+        return head + " ".join(_insert_at([_BLANK] * n_blank, sentences, [target, *others])) + question
 
     prompt, n_blank = _fit(build, n_tokens, token_counter(tokenizer), n_tokens // 8)
     return Sample(
@@ -366,14 +383,29 @@ def _derive_seed(seed: int, task: str, index: int) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def make_suite(tasks: Sequence[str], n: int, seed: int, length: int, tokenizer: Any = None) -> list[Sample]:
-    """``n`` samples per task of about ``length`` tokens, answer depths spread evenly over 10%..90%."""
+def make_suite(
+    tasks: Sequence[str],
+    n: int,
+    seed: int,
+    length: int,
+    tokenizer: Any = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Sample]:
+    """``n`` samples per task of about ``length`` tokens, answer depths spread evenly over 10%..90%.
+
+    ``options`` passes extra keyword arguments per task, e.g. ``{"kv_retrieval": {"n_pairs": 12}}`` for a
+    model stronger than SmolLM2-135M.
+    """
     names = validate_tasks(tasks)
+    options = dict(options or {})
+    validate_tasks(list(options))
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     depths = [0.5] if n == 1 else [0.1 + 0.8 * i / (n - 1) for i in range(n)]
     return [
-        TASKS[name](_derive_seed(seed, name, i), length, tokenizer, depth=depths[i]) for name in names for i in range(n)
+        TASKS[name](_derive_seed(seed, name, i), length, tokenizer, depth=depths[i], **options.get(name, {}))
+        for name in names
+        for i in range(n)
     ]
 
 

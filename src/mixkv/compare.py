@@ -510,11 +510,9 @@ def _mib(nbytes: float | None) -> float | None:
 
 def plot_compare(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """Decode ms/token and KV MiB after prefill vs context: mixkv solid, kvpress dashed."""
-    import matplotlib
+    from .plots import pyplot, save_figure, time_memory_axes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     colors = dict(zip((*METHODS, ADAKV_AS_KVPRESS), ("tab:gray", "tab:blue", "tab:orange", "tab:red")))
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -528,20 +526,10 @@ def plot_compare(rows: Sequence[dict], path: str | Path, title: str = "") -> Pat
             kw = {"color": colors.get(method), "marker": "o" if impl == "mixkv" else "s", "label": f"{method} ({impl})"}
             a.plot([p[0] for p in pts], [p[1] for p in pts], style, **kw)
             b.plot([p[0] for p in pts], [p[2] for p in pts], style, **kw)
-    for ax, label in ((a, "decode time per token (ms)"), (b, "KV cache after prefill (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    b.set_yscale("log")
+    time_memory_axes(a, b, "context (tokens)")
     a.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _strip(runs: Sequence[dict]) -> list[dict]:

@@ -9,6 +9,37 @@ import torch
 from .selection import KeepPlan
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, tight: bool = True) -> Path:
+    """Write ``fig`` as PNG (creating the folder) and close it."""
+    if tight:
+        fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
+def time_memory_axes(a, b, xlabel: str) -> None:
+    """Shared look of the decode-time (left) and KV-bytes (right) panels."""
+    for ax, label in ((a, "decode time per token (ms)"), (b, "KV cache after prefill (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    b.set_yscale("log")
+
+
 def kept_share_per_layer(plans: dict[int, KeepPlan], num_layers: int, n: int) -> torch.Tensor:
     """``(layers, n)``: the share of each layer's KV heads that kept each prompt position (1 = all)."""
     from .analysis import kept_share
@@ -19,11 +50,7 @@ def kept_share_per_layer(plans: dict[int, KeepPlan], num_layers: int, n: int) ->
 def plot_kept_positions(kept: dict[str, dict[int, KeepPlan]], n: int, path: Path, marks: list[int] | None = None,
                         title: str = "") -> Path:
     """One heat-map panel per method: layers (rows) x prompt positions (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = {name: plans for name, plans in kept.items() if plans}
     if not panels:
         raise ValueError("nothing was compressed: no kept positions to draw")
@@ -40,19 +67,12 @@ def plot_kept_positions(kept: dict[str, dict[int, KeepPlan]], n: int, path: Path
     axes[-1, 0].set_xlabel("prompt position (red: the tokens holding the answer)")
     fig.suptitle(title, fontsize=10)
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="share of KV heads keeping the token", shrink=0.9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=False)
 
 
 def plot_bench(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Two panels vs context length: decode ms/token and KV MiB held after prefill, per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["context"], r["decode_ms_per_token"], r["kv_bytes"] / 2**20) for r in rows
@@ -60,17 +80,7 @@ def plot_bench(rows: list[dict], path: str | Path, title: str = "") -> Path:
         style = "--" if method == "full" else ("-" if "mixkv" in method else ":")
         a.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=method)
         b.plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=method)
-    for ax, label in ((a, "decode time per token (ms)"), (b, "KV cache after prefill (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    b.set_yscale("log")
+    time_memory_axes(a, b, "prompt tokens")
     a.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -57,11 +57,9 @@ def accuracy_tables(results: list[dict]) -> str:
 
 def plot_accuracy(results: list[dict], path: str | Path, title: str) -> Path:
     """Accuracy vs budget per method (mean over tasks when present); full cache as a dashed line."""
-    import matplotlib
+    from .plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     task = "mean" if any(r["task"] == "mean" for r in results) else results[0]["task"]
     rows = [r for r in results if r["task"] == task]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
@@ -82,9 +80,4 @@ def plot_accuracy(results: list[dict], path: str | Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

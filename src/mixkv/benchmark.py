@@ -106,7 +106,7 @@ def bench_context(model, inputs: dict, methods: Sequence[str], budget: int, wind
     prefill_times = []
     pre = None
     for _ in range(max(1, repeats)):
-        del pre
+        pre = None  # free the previous capture before the next prefill
         _sync(device)
         pre = shared_prefill(model, inputs, window=window)
         prefill_times.append(pre.seconds)

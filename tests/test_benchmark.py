@@ -1,0 +1,44 @@
+"""``mixkv bench`` measurement code on a tiny model (what it reports, not how fast it is)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from zoo import make_inputs, make_model  # noqa: E402
+
+from mixkv.benchmark import bench_context, micro_decode_step  # noqa: E402
+
+
+def test_bench_rows_report_exact_kv_bytes():
+    model = make_model("llama")
+    inputs = make_inputs(model, "llama", text_len=100)
+    n = inputs["input_ids"].shape[1]
+    rows = bench_context(model, inputs, ["full", "snapkv", "adakv+mixkv"], budget=20, window=8, steps=2, repeats=1)
+    by = {r.method: r for r in rows}
+    assert set(by) == {"full", "snapkv", "adakv+mixkv"}
+    full = by["full"]
+    # 2 layers x 2 KV heads x 16 dims x (K and V) x 4 bytes per token.
+    assert full.kv_bytes == full.kv_bytes_theory == n * 2 * 2 * 16 * 2 * 4
+    per_token = 16 * 2 * 4
+    assert by["snapkv"].kv_bytes == by["snapkv"].kv_bytes_theory == 20 * 2 * 2 * per_token
+    ada = by["adakv+mixkv"]
+    assert ada.kv_bytes == ada.kv_bytes_theory
+    # AdaKV shares each layer's 2 x 12 candidates among heads; rounding moves at most 1 token per head.
+    assert abs(ada.kv_bytes - 20 * 2 * 2 * per_token) <= 2 * 2 * per_token
+    for name in ("snapkv", "adakv+mixkv"):
+        r = by[name]
+        assert r.kv_bytes_allocated >= r.kv_bytes
+        assert r.compress_s > 0 and r.decode_ms_per_token > 0 and r.prefill_s > 0
+    assert by["adakv+mixkv"].attention_path.startswith("torch_varlen") or "dense" in by["adakv+mixkv"].attention_path
+    assert all(r.context == n for r in rows)
+
+
+def test_micro_decode_step_rows():
+    rows = micro_decode_step([64, 128], iters=3, progress=False)
+    assert [r["tokens_per_head"] for r in rows] == [64, 128]
+    for r in rows:
+        assert r["varlen_ms"] > 0 and r["dense_ms"] > 0
+        assert r["min_len"] < r["max_len"]  # heads really differ in length

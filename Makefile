@@ -33,7 +33,7 @@ bench: $(STAMP)
 
 # Side by side with kvpress (its own venv: kvpress pins transformers<5.3).
 kvpress-env:
-	bash scripts/kvpress/setup_env.sh
+	KVPRESS_TORCH="$(TORCH_PIN)" PYTHON="$(PYTHON)" bash src/mixkv/lab/compare/kvpress/setup_env.sh
 
 compare: $(STAMP)
 	$(PYTHON) -m mixkv.cli.main compare --model smollm2-135m --contexts 1024,2048,4096 --budget 128 --n 6 --json out/compare.json --plot out/compare.png

@@ -344,12 +344,12 @@ def save(vlm, lora, out: Path, args, vision_config: dict, image_token_id: int, e
 
 def evaluate_saved(out: Path, args, log) -> dict:
     """Greedy answers of the saved model (as ``load_toy_vlm`` gives it) on held-out seeds 0..n-1."""
-    from mixkv.evaluation import EvalConfig, evaluate, mean_over_tasks
+    from mixkv.lab.evaluation import EvalConfig, evaluate, mean_over_tasks, toyvlm_items
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     model, proc = tv.load_toy_vlm(torch.float32, out)
     samples = gen.make_samples(args.n_eval, seed=0, tasks=tasks)
-    items = tv.eval_items(proc, samples)
+    items = toyvlm_items(proc, samples)
     methods = [m.strip() for m in args.eval_methods.split(",") if m.strip()]
     config = EvalConfig(methods=methods, budgets=[args.budget], max_new_tokens=14, window=args.window)
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
-from mixkv.models import inspect_model
+from mixkv.core.models import inspect_model
 
 
 def _masked_eager(state):

@@ -20,8 +20,10 @@ Conventions (the library's choices where DESIGN.md leaves room):
   * unit vectors ``k / max(|k|, 1e-6)``; centroid over all real prompt keys (window included);
   * redundancy: explicit mean over ordered pairs ``i != j`` of cosine similarities, clamped to
     [0, 1]; a single token has redundancy 0;
-  * PyramidKV counts truncated (floor); AdaKV final count ``floor(count (1 - a) + a base + 1/2)``;
-    SparseMM ``floor(ratio base + (1 - ratio) base L H p + 1/2)``; all clipped to the candidates;
+  * PyramidKV counts truncated (floor); AdaKV shares ``count (1 - a) + a base`` and SparseMM shares
+    ``ratio base + (1 - ratio) base L H p`` (over the whole model) turned into integers that sum to
+    exactly the budget: largest remainders, ties to the lower index, capped at the candidates with
+    the excess spread over the other heads in proportion to their shares;
   * a sequence whose real length ``n <= budget`` keeps all its real tokens.
 """
 
@@ -283,9 +285,6 @@ def redundancy(states, valid=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _round_half_up(x: Fraction) -> int:
-    return math.floor(x + Fraction(1, 2))
-
 
 def uniform_counts(base: int, n_cand: int, num_heads: int) -> list[int]:
     if n_cand <= base:
@@ -310,6 +309,28 @@ def pyramid_counts(base: int, n_cand: int, layer_idx: int, num_layers: int, num_
     return [min(max(count, 0), n_cand)] * num_heads
 
 
+def apportion(shares: list[Fraction], total: int, cap: int) -> list[int]:
+    """Integers summing to ``total``, each ``<= cap``, close to ``shares`` (written as loops, exactly)."""
+    x = [min(sh, Fraction(cap)) for sh in shares]
+    while True:
+        deficit = total - sum(x)
+        free = [i for i in range(len(x)) if x[i] < cap]
+        if deficit <= 0 or not free:
+            break
+        weights = {i: shares[i] for i in free}
+        if sum(weights.values()) == 0:
+            weights = {i: Fraction(1) for i in free}
+        wsum = sum(weights.values())
+        for i in free:
+            x[i] = min(x[i] + deficit * weights[i] / wsum, Fraction(cap))
+    counts = [math.floor(v) for v in x]
+    need = total - sum(counts)
+    order = sorted((i for i in range(len(x)) if counts[i] < cap), key=lambda i: (-(x[i] - counts[i]), i))
+    for i in order[:need]:
+        counts[i] += 1
+    return counts
+
+
 def adakv_counts(s_ext: list[list[float]], base: int, n_cand: int, alpha: float = 0.2,
                  normalize: bool = True) -> list[int]:
     """``s_ext[h]``: the head's scores on its ``n_cand`` real candidates."""
@@ -322,13 +343,13 @@ def adakv_counts(s_ext: list[list[float]], base: int, n_cand: int, alpha: float 
         if normalize:
             frac = math.fsum(ranked[:base]) / math.fsum(ranked)
             ranked = [x * frac for x in ranked]
-        pool.extend((x, h) for x in ranked)
-    pool.sort(key=lambda t: t[0], reverse=True)
+        pool.extend((x, h, r) for r, x in enumerate(ranked))
+    pool.sort(key=lambda t: (-t[0], t[1], t[2]))
     raw = [0] * num_heads
-    for _, h in pool[: base * num_heads]:
+    for _, h, _ in pool[: base * num_heads]:
         raw[h] += 1
     a = Fraction(str(alpha))
-    return [min(_round_half_up(c * (1 - a) + a * base), n_cand) for c in raw]
+    return apportion([c * (1 - a) + a * base for c in raw], base * num_heads, n_cand)
 
 
 def sparsemm_counts(head_scores: list[list[float]], base: int, n_cand: int, layer_idx: int,
@@ -336,14 +357,12 @@ def sparsemm_counts(head_scores: list[list[float]], base: int, n_cand: int, laye
     num_layers, num_heads = len(head_scores), len(head_scores[0])
     if n_cand <= base:
         return [n_cand] * num_heads
-    exact = [[Fraction(max(float(x), 0.0)) for x in row] for row in head_scores]
-    total = sum(sum(row) for row in exact)
+    exact = [Fraction(max(float(x), 0.0)) for row in head_scores for x in row]
+    total = sum(exact)
     rq = Fraction(str(ratio))
-    out = []
-    for h in range(num_heads):
-        p = exact[layer_idx][h] / total
-        out.append(min(_round_half_up(rq * base + (1 - rq) * base * num_layers * num_heads * p), n_cand))
-    return out
+    shares = [rq * base + (1 - rq) * base * num_layers * num_heads * (p / total) for p in exact]
+    counts = apportion(shares, base * num_layers * num_heads, n_cand)
+    return counts[layer_idx * num_heads: (layer_idx + 1) * num_heads]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,15 +14,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from zoo import make_config, make_inputs, make_model  # noqa: E402
 
-from mixkv import analysis, scores  # noqa: E402
-from mixkv.calibration import CalibrationSample, calibrate, text_sample  # noqa: E402
-from mixkv.selection import KeepPlan  # noqa: E402
+from mixkv.core import scores
+from mixkv.core.selection import KeepPlan  # noqa: E402
+from mixkv.lab import analysis, analysis_figures, analyze  # noqa: E402
+from mixkv.lab.calibration import CalibrationSample, calibrate, text_sample  # noqa: E402
 
 
 def _check_png(path: Path, kind: str) -> None:
     assert path.is_file() and path.stat().st_size > 5000, f"{path} missing or nearly empty"
     with Image.open(path) as img:
-        assert img.size == analysis.expected_pixels(kind)
+        assert img.size == analysis_figures.expected_pixels(kind)
         assert sum(1 for c in img.convert("L").histogram() if c) > 20  # something was drawn
 
 
@@ -80,12 +81,12 @@ def test_kept_share_and_patch_figure(tmp_path):
     draw.rectangle([16, 0, 31, 15], fill=(220, 30, 30))
     draw.ellipse([32, 32, 47, 47], fill=(30, 70, 220))
     other = KeepPlan(torch.tensor([[[8, 9, 14, 20, 29], [5, 15, 25, 28, 29]]]), torch.tensor([[5, 5]]))
-    path = analysis.plot_kept_patches(image, (rows, cols), positions, {"SnapKV": {0: plan}, "MixKV": {0: other}},
-                                      num_layers=1, n=n, path=tmp_path / "patches.png",
-                                      title="tiny: layer 0, budget 5", answer_patches=[1, 10])
+    path = analysis_figures.plot_kept_patches(
+        image, (rows, cols), positions, {"SnapKV": {0: plan}, "MixKV": {0: other}}, num_layers=1, n=n,
+        path=tmp_path / "patches.png", title="tiny: layer 0, budget 5", answer_patches=[1, 10])
     _check_png(path, "patches")
     with pytest.raises(ValueError, match="patch grid"):
-        analysis.plot_kept_patches(image, (3, 3), positions, {"a": {0: plan}}, 1, n, tmp_path / "x.png", "t")
+        analysis_figures.plot_kept_patches(image, (3, 3), positions, {"a": {0: plan}}, 1, n, tmp_path / "x.png", "t")
 
 
 def test_analyze_vlm_draws_all_four_figures(tmp_path):
@@ -101,7 +102,7 @@ def test_analyze_vlm_draws_all_four_figures(tmp_path):
     sample = CalibrationSample(inputs, answer, None, "red", "img", image=image, grid=(8, 8),
                                meta={"image_positions": positions})
     profile = calibrate(model, [sample], tmp_path / "p.json", max_new_tokens=2, hits_on="all", progress=False)
-    result = analysis.analyze(model, [sample], tmp_path / "fig", model_name="tiny-llava", budget=24, window=4,
+    result = analyze.analyze(model, [sample], tmp_path / "fig", model_name="tiny-llava", budget=24, window=4,
                               profile=profile)
     assert set(result.files) == {"heatmap", "histograms", "coverage", "patches", "head_scores"}, result.skipped
     for kind, path in result.files.items():
@@ -124,7 +125,7 @@ def test_analyze_text_prompt(tmp_path):
     at = message.index("fact")
     sample = text_sample(tokenizer, message, [(at, at + 4)], "fact", chat=False)
     model = make_model("llama")
-    result = analysis.analyze(model, [sample], tmp_path, model_name="tiny-llama", budget=20, window=4,
+    result = analyze.analyze(model, [sample], tmp_path, model_name="tiny-llama", budget=20, window=4,
                               layer=1, head=1)
     assert set(result.files) == {"heatmap", "histograms", "coverage"}
     assert "patches" in result.skipped
@@ -141,7 +142,7 @@ def test_toy_vlm_generator_plugs_in(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
-    from mixkv.calibration import generated_samples
+    from mixkv.lab.calibration import generated_samples
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 7, **{f"w{i}": i for i in range(8, 256)}}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -161,5 +162,5 @@ def test_toy_vlm_generator_plugs_in(tmp_path):
     profile = calibrate(model, samples, tmp_path / "p.json", data=data, decode=processor.decode, max_new_tokens=2,
                         hits_on="all", progress=False)
     assert profile.head_scores is not None and profile.data["source"] == "generated:toyvlm"
-    result = analysis.analyze(model, samples[:1], tmp_path, model_name="tiny-toyvlm", budget=64, window=8)
+    result = analyze.analyze(model, samples[:1], tmp_path, model_name="tiny-toyvlm", budget=64, window=8)
     _check_png(result.files["patches"], "patches")

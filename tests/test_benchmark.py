@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from zoo import make_inputs, make_model  # noqa: E402
 
-from mixkv.benchmark import bench_context, micro_decode_step  # noqa: E402
+from mixkv.lab.benchmark import bench_context, micro_decode_step  # noqa: E402
 
 
 def test_bench_rows_report_exact_kv_bytes():

@@ -1,4 +1,4 @@
-"""Budget allocation (``mixkv.budgets``): hand-worked cases, invariants, and the exact reference."""
+"""Budget allocation (``mixkv.core.budgets``): hand-worked cases, invariants, and the exact reference."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import reference as ref  # noqa: E402
 
-from mixkv import budgets  # noqa: E402
+from mixkv.core import budgets  # noqa: E402
 
 PROPS = settings(max_examples=40, deadline=None)
 
@@ -134,8 +134,10 @@ def test_adakv_hand_normalized():
     # alpha 0: the raw counts; alpha 1: uniform.
     assert adakv([HEAD0, HEAD1], 4, floor=0.0) == [3, 5]
     assert adakv([HEAD0, HEAD1], 4, floor=1.0) == [4, 4]
-    # alpha 0.5 rounds halves up: 3*0.5 + 2 = 3.5 -> 4; 5*0.5 + 2 = 4.5 -> 5 (total 9 > 8: allowed).
-    assert adakv([HEAD0, HEAD1], 4, floor=0.5) == [4, 5]
+    # alpha 0.5: shares 3*0.5 + 2 = 3.5 and 5*0.5 + 2 = 4.5 sum to the layer's 8; floors 3 + 4 leave one
+    # token, which goes to the larger remainder, tied at 0.5, so to the lower head: [4, 4] (total exactly 8;
+    # rounding each head half up would keep 9).
+    assert adakv([HEAD0, HEAD1], 4, floor=0.5) == [4, 4]
 
 
 def test_adakv_hand_unnormalized():
@@ -208,8 +210,11 @@ def test_sparsemm_clip_and_zero_head():
     table = [[1, 1], [1, 5]]
     assert sparsemm(table, 40, 1000, 0) == [22, 22]
     assert sparsemm(table, 40, 1000, 1) == [22, 94]
-    # Only 50 candidates: 94 is clipped to 50.
-    assert sparsemm(table, 40, 50, 1) == [22, 50]
+    # Only 50 candidates: 94 is capped at 50 and its excess 44 goes to the other three heads in proportion
+    # to their shares (+14.67 each -> 36.67); the model still keeps exactly 4 x 40 = 160, the two leftover
+    # tokens going to the lowest indices (equal remainders).
+    assert sparsemm(table, 40, 50, 1) == [36, 50]
+    assert sparsemm(table, 40, 50, 0) == [37, 37]
     # A head with score 0 still gets ratio * base = 4 (0.1 * 40).
     assert sparsemm([[0, 1], [1, 2]], 40, 1000, 0) == [4, 40]  # 4 + 144/4 = 40
     # Equal scores: every head gets exactly base.

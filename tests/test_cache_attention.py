@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixkv.attention import varlen_attention
-from mixkv.cache import CompressedLayer
-from mixkv.selection import KeepPlan
+from mixkv.core.attention import varlen_attention
+from mixkv.core.cache import CompressedLayer
+from mixkv.core.selection import KeepPlan
 
 
 def random_plan(b, h, n, window, gen, uniform=False):
@@ -139,7 +139,7 @@ def test_flat_layer_refuses_beam_search_and_crop():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_and_scatter_packed_paths_agree(dtype):
     """The fused CPU kernel really runs (no silent fallback) and agrees with the portable path."""
-    from mixkv.attention import _cpu_flash_with_lse, _packed_attention_fused, _packed_attention_scatter
+    from mixkv.core.attention import _cpu_flash_with_lse, _packed_attention_fused, _packed_attention_scatter
 
     if _cpu_flash_with_lse() is None:
         pytest.skip("this torch build has no fused CPU attention with log-sum-exp")

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from zoo import make_inputs, make_model  # noqa: E402
 
 from mixkv import MixKV, SnapKV, SparseMM, load_profile, press  # noqa: E402
-from mixkv import calibration as cal  # noqa: E402
-from mixkv.calibration import CalibrationSample, calibrate, partial_path  # noqa: E402
+from mixkv.lab import calibration as cal  # noqa: E402
+from mixkv.lab.calibration import CalibrationSample, calibrate, partial_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """``mixkv compare``: prompt export, budget matching, aggregation, ratios and tables on fake data.
 
-No kvpress venv and no real model: the kvpress runner script is imported only for its pure helpers.
+No kvpress venv and no real model: the kvpress runner script (package data of
+``mixkv.lab.compare.kvpress``) is imported only for its pure helpers.
 """
 
 from __future__ import annotations
@@ -8,14 +9,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from mixkv import compare
+from mixkv.lab import compare
 from mixkv.testbeds import tasks
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kvpress" / "run_kvpress.py"
+SCRIPTS = resources.files("mixkv.lab.compare.kvpress")
+SCRIPT = Path(str(SCRIPTS / "run_kvpress.py"))
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _script():
@@ -73,6 +80,43 @@ def test_script_scoring_rule_matches_mixkv():
     wsample = tasks.Sample("x", "", "green", {"answer_kind": "word", "choices": ["red", "green"]})
     for text in ["The colour is green.", "red, no, green", "GREEN"]:
         assert (script.first_item(text, words) == "green") == (tasks.score(wsample, text) == 1.0), text
+
+
+# ---- the mixkv side ----------------------------------------------------------------------------------
+
+def test_measure_mixkv_one_times_every_step_and_cuts_the_answer_at_eos():
+    import torch
+    from zoo import make_model
+
+    from mixkv.core.press import press
+
+    model = make_model("llama")
+    ids = torch.randint(8, 256, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = {"id": "200/passkey/0", "context": 200, "task": "passkey", "input_ids": ids}
+    settings = {"budget": 64, "compression_ratio": None, "window": 16, "max_new_tokens": 4, "decode_steps": 6}
+    full = compare.measure_mixkv_one(model, prompt, "full", settings)
+    snap = compare.measure_mixkv_one(model, prompt, "snapkv", settings)
+    for r in (full, snap):
+        assert len(r["decode_tokens"]) == 6 and len(r["decode_step_ms"]) == 5  # every step after the prefill's
+        assert r["tokens"] == r["decode_tokens"][:4] and r["decode_ms_per_token"] > 0
+        assert r["peak_rss_mib"] is None or r["peak_rss_mib"] >= r["rss_before_mib"]
+    assert full["budget"] is None and full["kept_per_head"] == 200 and full["kept"] is None
+    assert snap["budget"] == 64 and snap["kv_bytes"] < full["kv_bytes"]
+    assert snap["kept_counts"] == [[64, 64]] * 2 and [len(h) for h in snap["kept"][0]] == [64, 64]
+    # the decode loop is the plain greedy one, decoding on past EOS for timing
+    with torch.no_grad(), press(model, "snapkv", budget=64, window=16):
+        out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        tokens = [int(out.logits[0, -1].argmax())]
+        while len(tokens) < 6:
+            step = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
+            tokens.append(int(step.logits[0, -1].argmax()))
+    assert snap["decode_tokens"] == tokens
+    eos = snap["decode_tokens"][1]
+    cut = compare.measure_mixkv_one(model, prompt, "snapkv", dict(settings, eos_token_ids=[eos]))
+    first = snap["decode_tokens"].index(eos)
+    assert cut["tokens"] == snap["decode_tokens"][: first + 1] and cut["decode_tokens"] == snap["decode_tokens"]
+    ada = compare.measure_mixkv_one(model, prompt, compare.ADAKV_AS_KVPRESS, settings, record_kept=False)
+    assert ada["kept"] is None and [sum(c) for c in ada["kept_counts"]] == [128, 128]
 
 
 # ---- prompt export -----------------------------------------------------------------------------------
@@ -242,10 +286,144 @@ def test_cli_parser_defaults_and_exclusive_size():
         parser.parse_args(["compare", "--budget", "64", "--ratio", "0.5"])
 
 
-def test_kvpress_paths_default_to_the_checkout(monkeypatch):
+def _cli_args(*argv: str) -> argparse.Namespace:
+    from mixkv.cli import compare as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["compare", *argv])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "{tmp}"], "is a directory"),
+    (["--plot", "{tmp}/a-file/c.png"], "not a writable directory"),
+    (["--gguf", "{tmp}/missing.gguf"], "not a file"),
+    (["--model", "other"], "pass --gguf"),
+    (["--methods", "snapkv,pyramidkv"], "unknown method"),
+    (["--budget", "32"], "must exceed the window"),
+    (["--ratio", "1.0"], "in \\[0, 1\\)"),
+    (["--contexts", "1024,-5"], "positive"),
+    (["--decode-steps", "0"], "at least 1"),
+    (["--kvpress-results", "{tmp}/none.json"], "not a file"),
+])
+def test_cli_checks_arguments_before_loading_anything(argv, message, tmp_path, monkeypatch):
+    from mixkv.cli import compare as cli
+
+    monkeypatch.setattr(compare, "run_compare", lambda **kw: pytest.fail("run_compare was called"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=message):
+        cli.run(_cli_args(*(a.format(tmp=tmp_path) for a in argv)))
+
+
+def test_cli_runs_the_comparison_and_writes_json_and_work_dir_next_to_it(tmp_path, monkeypatch, capsys):
+    from mixkv.cli import compare as cli
+
+    calls = {}
+    spec = {"settings": {"budget": 128}, "prompts": [
+        {"id": "p0", "context": 1024, "task": "passkey", "answer": "7", "answer_kind": "number", "choices": None,
+         "input_ids": [1]}]}
+    kvp = {"format": compare.KVPRESS_FORMAT, "versions": {"kvpress": "0.5.5", "transformers": "5.2.0"},
+           "runs": [dict(_run("kvpress", "snapkv", pid="p0"), text="7")]}
+
+    def fake_run_compare(**kw):
+        calls.update(kw)
+        return compare.build_report(spec, [dict(_run("mixkv", "snapkv", pid="p0"), text="7")], kvp, extra={
+            "mixkv_versions": {"transformers": "5.24"}, "machine": "test box"})
+
+    monkeypatch.setattr(compare, "run_compare", fake_run_compare)
+    monkeypatch.setattr("mixkv.lab.machine.setup_threads", lambda threads: threads or 1)
+    out = tmp_path / "res" / "c.json"
+    assert cli.run(_cli_args("--json", str(out), "--kvpress-venv", str(tmp_path / "v"), "--threads", "2")) == 0
+    assert json.loads(out.read_text())["rows"][0]["mixkv_accuracy"] == 1.0
+    assert calls["work_dir"] == tmp_path / "res" / "c" and calls["kvpress_venv"] == tmp_path / "v"
+    assert calls["budget"] == 128 and calls["threads"] == 2 and calls["methods"] == ["full", "snapkv", "adakv"]
+    assert "kvpress 0.5.5 on transformers 5.2.0" in capsys.readouterr().out
+
+
+def test_kvpress_scripts_are_package_resources_and_the_venv_is_in_the_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("KVPRESS_VENV", raising=False)
+    monkeypatch.setenv("MIXKV_CACHE", str(tmp_path / "cache"))
     paths = compare.kvpress_paths()
-    assert paths["script"] == SCRIPT and paths["setup"].name == "setup_env.sh"
-    assert paths["python"] == compare.REPO_ROOT / ".venv-kvpress" / "bin" / "python"
+    assert paths["script"] == SCRIPT and paths["script"].is_file()
+    assert paths["setup"] == Path(str(SCRIPTS / "setup_env.sh")) and paths["setup"].is_file()
+    assert paths["venv"] == compare.default_venv() == tmp_path / "cache" / "venv-kvpress"
+    assert paths["python"] == tmp_path / "cache" / "venv-kvpress" / "bin" / "python"
+    monkeypatch.delenv("MIXKV_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compare.default_venv() == tmp_path / "home" / ".cache" / "mixkv" / "venv-kvpress"
+    assert REPO not in compare.default_venv().parents
+    monkeypatch.setenv("KVPRESS_VENV", str(tmp_path / "mine"))
+    assert compare.kvpress_paths()["venv"] == tmp_path / "mine"
+    assert compare.kvpress_paths(tmp_path / "given")["python"] == tmp_path / "given" / "bin" / "python"
     with pytest.raises(RuntimeError, match="not set up"):
         compare.ensure_kvpress_env(compare.kvpress_paths(venv=Path("/nonexistent/venv")), allow_setup=False)
+
+
+FAKE_BASE_PYTHON = """#!/usr/bin/env bash
+echo "base $*" >> "$FAKE_LOG"
+[[ "$1 $2" == "-m venv" ]] || exit 3
+dir="${*: -1}"
+[[ "$3" == "--clear" ]] && rm -rf "$dir"
+mkdir -p "$dir/bin"
+echo "include-system-site-packages = false" > "$dir/pyvenv.cfg"
+cp "$FAKE_VENV_PYTHON" "$dir/bin/python"
+"""
+FAKE_VENV_PYTHON = """#!/usr/bin/env bash
+echo "venv $*" >> "$FAKE_LOG"
+case "$1" in
+    -m) echo "Successfully installed ${*: -1}" ;;
+    -c) echo "2.13.0+cpu" ;;
+    -) cat > /dev/null; echo "kvpress 0.5.5, transformers 5.2.0, torch 2.13.0+cpu" ;;
+esac
+"""
+
+
+def _fake_setup_env(tmp_path: Path, **env: str) -> tuple[dict, Path]:
+    """Environment running setup_env.sh against stub interpreters that log their arguments (no pip, no venv)."""
+    for name, text in (("python-base", FAKE_BASE_PYTHON), ("python-venv", FAKE_VENV_PYTHON)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("KVPRESS_VENV", "MIXKV_CACHE", "KVPRESS_TORCH", "KVPRESS_SPEC", "KVPRESS_TRANSFORMERS")}
+    return dict(base, PYTHON=str(tmp_path / "python-base"), FAKE_VENV_PYTHON=str(tmp_path / "python-venv"),
+                FAKE_LOG=str(log), HOME=str(tmp_path / "home"), **env), log
+
+
+def test_setup_script_installs_torch_then_kvpress_into_an_isolated_venv(tmp_path):
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    setup = str(compare.kvpress_paths()["setup"])
+    env, log = _fake_setup_env(tmp_path, MIXKV_CACHE=str(tmp_path / "cache"))
+    venv = tmp_path / "cache" / "venv-kvpress"  # the default: the same rule as kvpress_side.default_venv
+    subprocess.run(["bash", setup], env=env, check=True, capture_output=True, text=True)
+    calls = log.read_text().splitlines()
+    assert calls[0] == f"base -m venv {venv}"  # no --system-site-packages: nothing inherited
+    pip = [c for c in calls if c.startswith("venv -m pip install")]
+    assert pip[0].split()[-1] == "torch==2.13.0"  # torch first, at the CPU pin
+    assert pip[1].endswith(f"-c {venv}/constraints.txt kvpress==0.5.5 transformers==5.2.0 gguf")
+    assert (venv / "constraints.txt").read_text() == "torch==2.13.0+cpu\n"  # the installed torch is kept
+    assert (venv / ".kvpress-setup").read_text().split() == ["torch==2.13.0", "kvpress==0.5.5",
+                                                             "transformers==5.2.0", "gguf"]
+    again = subprocess.run(["bash", setup], env=env, check=True, capture_output=True, text=True)
+    assert "already set up" in again.stdout and log.read_text().count("pip install") == 2
+    # a venv made by the old script (inheriting site-packages) is rebuilt, not reused
+    (venv / "pyvenv.cfg").write_text("include-system-site-packages = true\n")
+    (venv / ".kvpress-setup").unlink()
+    subprocess.run(["bash", setup], env=env, check=True, capture_output=True, text=True)
+    assert f"base -m venv --clear {venv}" in log.read_text().splitlines()
+    # KVPRESS_VENV wins over the cache
+    env, log = _fake_setup_env(tmp_path, KVPRESS_VENV=str(tmp_path / "elsewhere"))
+    subprocess.run(["bash", setup], env=env, check=True, capture_output=True, text=True)
+    assert (tmp_path / "elsewhere" / ".kvpress-setup").is_file()
+
+
+def test_setup_script_is_valid_bash_and_never_inherits_site_packages():
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    setup = compare.kvpress_paths()["setup"]
+    subprocess.run(["bash", "-n", str(setup)], check=True)
+    code = [line for line in setup.read_text().splitlines() if not line.lstrip().startswith("#")]
+    venv_commands = [line for line in code if "-m venv" in line]
+    assert venv_commands and not any("--system-site-packages" in line for line in venv_commands)
+    assert any("torch==2.13.0" in line for line in code) and any("kvpress==0.5.5" in line for line in code)

@@ -13,7 +13,7 @@ from mixkv.cli.main import main
 
 @pytest.mark.slow
 def test_demo_runs_and_draws_what_was_kept(toy_vlm, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "load", lambda name, dtype="float32": toy_vlm)
+    monkeypatch.setattr(demo.sources, "load", lambda name, dtype="float32": toy_vlm)
     out = tmp_path / "demo.png"
     rc = main(["demo", "--tasks", "text", "--methods", "full,snapkv,snapkv+mixkv", "--threads", "1",
                "--out", str(out)])
@@ -29,6 +29,6 @@ def test_demo_runs_and_draws_what_was_kept(toy_vlm, tmp_path, monkeypatch, capsy
 
 
 def test_demo_rejects_unknown_method_before_loading(monkeypatch, capsys):
-    monkeypatch.setattr(demo, "load", lambda *a, **k: pytest.fail("loaded a model for a bad method name"))
+    monkeypatch.setattr(demo.sources, "load", lambda *a, **k: pytest.fail("loaded a model for a bad method name"))
     assert main(["demo", "--methods", "full,nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err

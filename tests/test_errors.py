@@ -18,7 +18,7 @@ from zoo import make_inputs, make_model  # noqa: E402
 
 import mixkv  # noqa: E402
 from mixkv import AdaKV, MixKV, Profile, PyramidKV, SnapKV, SparseMM, press  # noqa: E402
-from mixkv._versions import check_versions  # noqa: E402
+from mixkv.core.versions import check_versions  # noqa: E402
 
 
 @pytest.fixture(scope="module")

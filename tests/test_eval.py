@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from zoo import make_inputs, make_model  # noqa: E402
 
 from mixkv.cli.main import main  # noqa: E402
-from mixkv.evaluation import EvalConfig, EvalItem, evaluate, mean_over_tasks  # noqa: E402
+from mixkv.lab.evaluation import EvalConfig, EvalItem, evaluate, mean_over_tasks  # noqa: E402
 from mixkv.testbeds import tasks as task_suite  # noqa: E402
 
 

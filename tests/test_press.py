@@ -16,8 +16,8 @@ from zoo import ARCHS, make_inputs, make_model  # noqa: E402
 
 import mixkv  # noqa: E402
 from mixkv import MixKV, PyramidKV, SnapKV, press  # noqa: E402
-from mixkv.budgets import pyramid_counts  # noqa: E402
-from mixkv.cache import CompressedLayer  # noqa: E402
+from mixkv.core.budgets import pyramid_counts  # noqa: E402
+from mixkv.core.cache import CompressedLayer  # noqa: E402
 
 METHODS = ["snapkv", "pyramidkv", "snapkv+mixkv", "pyramidkv+mixkv", "adakv", "adakv+mixkv"]
 WINDOW = 8
@@ -154,7 +154,7 @@ def test_window_queries_are_the_models_own(models, arch):
         return AttentionInterface._global_mapping["sdpa"](module, query, key, value, attention_mask, **kw)
 
     AttentionInterface.register("mixkv_test_spy", spy)
-    info = mixkv.models.inspect_model(model)
+    info = mixkv.core.models.inspect_model(model)
     saved = info.text_config._attn_implementation
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -166,11 +166,11 @@ def test_window_queries_are_the_models_own(models, arch):
         info.text_config._attn_implementation = saved
     with press(model, method, record=True) as session:
         model(**inputs, use_cache=True)
-    from mixkv.methods.base import LayerContext
-    from mixkv.selection import plan_keep
+    from mixkv.core.layer import LayerPrefill
+    from mixkv.core.selection import plan_keep
 
     for idx, (q, k, v) in captured.items():
-        ctx = LayerContext(idx, info.num_layers, q, k, v, model.config.get_text_config().head_dim**-0.5
+        ctx = LayerPrefill(idx, info.num_layers, q, k, v, model.config.get_text_config().head_dim**-0.5
                            if getattr(model.config.get_text_config(), "head_dim", None) else q.shape[-1] ** -0.5,
                            WINDOW)
         assert torch.equal(plan_keep(method, ctx).indices, session.plans[idx].indices)
@@ -247,7 +247,7 @@ def test_kv_bytes_equal_kept_tokens(models, method):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
     steps = out.sequences.shape[1] - inputs["input_ids"].shape[1] - 1
-    info = mixkv.models.inspect_model(model)
+    info = mixkv.core.models.inspect_model(model)
     per_token = info.head_dim * 2 * 4
     if session is None:
         kept = info.num_layers * info.num_kv_heads * (inputs["input_ids"].shape[1] + steps)
@@ -270,7 +270,7 @@ def test_offline_profile_redundancy_is_used(models, tmp_path):
     """An offline profile changes the mix: r = 0 keeps by importance alone, r = 1 by diversity alone."""
     model = models("llama")
     inputs = make_inputs(model, "llama", text_len=120)
-    info = mixkv.models.inspect_model(model)
+    info = mixkv.core.models.inspect_model(model)
     plans = {}
     for r in (0.0, 1.0):
         prof = mixkv.Profile(model="tiny", num_layers=info.num_layers, num_kv_heads=info.num_kv_heads,
@@ -291,18 +291,19 @@ def test_offline_profile_redundancy_is_used(models, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
 def test_shared_prefill_decodes_like_generate(models, arch):
     """One captured prefill feeding a method's cache gives generate's tokens under that press."""
-    from mixkv.prefill import build_cache, greedy_decode, shared_prefill
+    from mixkv.core.capture import build_cache, capture_prefill
+    from mixkv.lab.run import greedy_decode
 
     model = models(arch)
     inputs = make_inputs(model, arch)
     n = inputs["input_ids"].shape[1]
-    pre = shared_prefill(model, inputs, window=WINDOW)
+    pre = capture_prefill(model, inputs, window=WINDOW)
     for name in ("full", "snapkv+mixkv", "adakv+mixkv"):
         method = mixkv.make_method(name, budget=20, window=WINDOW)
         with press(model, method) as session:
             expected = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, n:].tolist()
             cache, plans, _ = build_cache(pre, method, session)
-            got = greedy_decode(model, cache, pre.logits, 5)
+            got = greedy_decode(model, cache, int(pre.logits[0].argmax()), 5)
         assert got == expected, name
         assert (method is None) == (not plans)
 
@@ -320,6 +321,6 @@ def test_image_positions_are_known_per_layer(models):
     with press(model, Spy(budget=20, window=WINDOW)) as session:
         model(**inputs, use_cache=True)
     expected = inputs["input_ids"] == model.config.image_token_id
-    assert len(seen) == mixkv.models.inspect_model(model).num_layers
+    assert len(seen) == mixkv.core.models.inspect_model(model).num_layers
     assert all(torch.equal(m, expected) for m in seen)
     assert torch.equal(session.image_mask, expected)

@@ -1,4 +1,4 @@
-"""Score functions (``mixkv.scores``) against the loop reference (``tests/reference.py``) and properties."""
+"""Score functions (``mixkv.core.scores``) against the loop reference (``tests/reference.py``) and properties."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import reference as ref  # noqa: E402
 
-from mixkv import scores  # noqa: E402
-from mixkv.methods import AdaKV, MixKV, PyramidKV, SnapKV, SparseMM  # noqa: E402
-from mixkv.methods.base import LayerContext  # noqa: E402
-from mixkv.profiles import Profile  # noqa: E402
-from mixkv.selection import plan_keep  # noqa: E402
+from mixkv.core import scores  # noqa: E402
+from mixkv.core.layer import LayerPrefill  # noqa: E402
+from mixkv.core.methods import AdaKV, MixKV, PyramidKV, SnapKV, SparseMM  # noqa: E402
+from mixkv.core.profiles import Profile  # noqa: E402
+from mixkv.core.selection import plan_keep  # noqa: E402
 
 ATOL = 2e-6  # attention-sized numbers (~1/N) in fp32 vs double
 PROPS = settings(max_examples=30, deadline=None)
@@ -187,7 +187,7 @@ def test_constant_rows_give_no_nan(kind):
         assert (s_int == 0).all()
     assert (outs["minmax_const"] == 0).all()
     for li in range(3):
-        ctx = LayerContext(li, 3, q, k, v, d**-0.5, w, valid=valid)
+        ctx = LayerPrefill(li, 3, q, k, v, d**-0.5, w, valid=valid)
         for m in _all_methods(12, w, 3, h):
             plan = plan_keep(m, ctx)
             lengths = plan.lengths

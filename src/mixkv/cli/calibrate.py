@@ -1,45 +1,35 @@
 """``mixkv calibrate``: measure a model's per-(layer, KV head) redundancy and visual-head scores
-into a calibration profile (format: :mod:`mixkv.profiles`; method: :mod:`mixkv.calibration`)."""
+into a calibration profile (format: :mod:`mixkv.core.profiles`; method: :mod:`mixkv.lab.calibration`)."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from .. import report
-from ..calibration import DEFAULT_SEED, calibrate, generated_samples, partial_path, read_jsonl
-from .common import load, machine_description, setup_threads
+from ..lab import report
+from ..lab.calibration import DEFAULT_SEED, calibrate, generated_samples, partial_path, read_jsonl
+from ..testbeds import sources
+from .common import check_outputs, machine_description, nonneg_int, positive_int, setup_threads
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="write a calibration profile (offline redundancy, SparseMM head scores)")
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, toy-vlm, a local directory or a hub id")
+    p.add_argument("--model", default=sources.SMOLLM2, help="smollm2-135m, toy-vlm, a local directory or a hub id")
     p.add_argument("--data", default="generated",
                    help="'generated' (the library's prompts for this model) or a JSONL file of "
                         '{"prompt": ..., "answer_span": [start, end], "answer": ...} lines')
-    p.add_argument("--n", type=int, default=64, help="number of calibration prompts")
+    p.add_argument("--n", type=positive_int, default=64, help="number of calibration prompts")
     p.add_argument("--out", required=True, help="profile JSON path (written only when complete)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of generated prompts (eval uses 0)")
-    p.add_argument("--length", type=int, default=1024, help="tokens per generated text prompt")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens decoded for head scores")
+    p.add_argument("--seed", type=nonneg_int, default=DEFAULT_SEED, help="seed of generated prompts (eval uses 0)")
+    p.add_argument("--length", type=positive_int, default=1024, help="tokens per generated text prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="greedy tokens decoded for head scores")
     p.add_argument("--hits-on", default="answer", choices=["answer", "all"],
                    help="decoded steps that count for head scores: tokens of the answer, or all")
     p.add_argument("--resume", action="store_true", help="continue from <out>.partial.json")
-    p.add_argument("--save-every", type=int, default=4, help="write <out>.partial.json every k prompts")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--save-every", type=positive_int, default=4, help="write <out>.partial.json every k prompts")
+    p.add_argument("--dtype", default="float32", choices=sorted(sources.DTYPES))
+    p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(run=run)
-
-
-def load_model_and_processor(name: str, dtype: str = "float32"):
-    """``(model, tokenizer or processor)``; ``toy-vlm`` is the toy VLM test bed."""
-    if name in ("toy-vlm", "toyvlm"):
-        import torch
-
-        from ..testbeds.toyvlm import load_toy_vlm
-
-        return load_toy_vlm(dtype={"float32": torch.float32, "bfloat16": torch.bfloat16,
-                                   "float16": torch.float16}[dtype])
-    return load(name, dtype)
 
 
 def load_samples(model_name: str, processor, data: str, n: int, seed: int, length: int):
@@ -49,11 +39,16 @@ def load_samples(model_name: str, processor, data: str, n: int, seed: int, lengt
 
 
 def run(args) -> int:
-    if args.n < 1 or args.save_every < 1:
-        raise ValueError("--n and --save-every must be >= 1")
+    check_outputs(args.out, partial_path(args.out))
+    sources.check_model_name(args.model)
+    if args.data != "generated" and not Path(args.data).is_file():
+        raise FileNotFoundError(f"calibration data {args.data!r} does not exist (or pass --data generated)")
+    if partial_path(args.out).exists() and not args.resume:
+        raise ValueError(f"{partial_path(args.out)} holds an interrupted calibration; pass --resume to continue it, "
+                         "or delete it to start over")
     threads = setup_threads(args.threads)
     start = time.perf_counter()
-    model, processor = load_model_and_processor(args.model, args.dtype)
+    model, processor = sources.load(args.model, args.dtype)
     loaded = time.perf_counter() - start
     samples, data = load_samples(args.model, processor, args.data, args.n, args.seed, args.length)
     lengths = [s.length for s in samples]
@@ -61,9 +56,14 @@ def run(args) -> int:
     print(f"{args.model}: {len(samples)} prompts of {min(lengths)}-{max(lengths)} tokens ({data['source']}); "
           f"partial progress in {partial_path(args.out)}")
     t0 = time.perf_counter()
-    profile = calibrate(model, samples, args.out, model_id=args.model, data=dict(data, dtype=args.dtype),
-                        decode=processor.decode, max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
-                        hits_on=args.hits_on, resume=args.resume, save_every=args.save_every)
+    try:
+        profile = calibrate(model, samples, args.out, model_id=args.model, data=dict(data, dtype=args.dtype),
+                            decode=processor.decode, max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
+                            hits_on=args.hits_on, resume=args.resume, save_every=args.save_every)
+    except KeyboardInterrupt:
+        if partial_path(args.out).exists():
+            print(f"\nprogress saved in {partial_path(args.out)}; rerun with --resume to continue")
+        raise
     measured = time.perf_counter() - t0
     kr = profile.key_redundancy
     rows = [[layer, *(f"{float(v):.3f}" for v in kr[layer])] for layer in range(profile.num_layers)]

@@ -1,27 +1,20 @@
-"""Helpers shared by the commands: model loading, thread setup, JSON output."""
+"""Argument helpers shared by the commands: list parsing, argparse types, early checks, JSON output.
+
+Commands validate every argument and output path here, before they load a model, so a typo costs
+a second, not a run.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import platform
 from pathlib import Path
 
-import torch
+from ..core.io import check_writable, write_json_atomic
+from ..lab.machine import machine_description, setup_threads
 
-
-def setup_threads(threads: int | None) -> int:
-    """Use ``threads`` torch threads (default: all cores); returns the number used."""
-    n = threads or os.cpu_count() or 1
-    torch.set_num_threads(n)
-    return n
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, no GPU"
+__all__ = ["check_outputs", "load_results", "machine_description", "nonneg_int", "parse_list", "positive_int",
+           "setup_threads", "write_json"]
 
 
 def parse_list(text: str, kind=str) -> list:
@@ -34,27 +27,49 @@ def parse_list(text: str, kind=str) -> list:
         raise ValueError(f"could not read {text!r} as a list of {kind.__name__}") from e
 
 
-TOY_VLM = "toy-vlm"
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a clear message instead of an empty run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
-def load(name: str, dtype: str = "float32"):
-    """``(model, tokenizer_or_processor)`` for ``toy-vlm``, ``smollm2-135m``, a directory or a hub id."""
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(dtypes)}")
-    if name == TOY_VLM:
-        from ..testbeds.toyvlm.model import load_toy_vlm
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0 below 2**32 (seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {value}")
+    return value
 
-        return load_toy_vlm(dtype=dtypes[dtype])
-    from ..testbeds.smollm2 import load_model
 
-    return load_model(name, dtype=dtypes[dtype])
+def check_outputs(*paths: str | Path | None) -> None:
+    """Fail now, not after the run, when an output file could not be written."""
+    for path in paths:
+        if path:
+            check_writable(path)
 
 
 def write_json(obj: dict, path: str | Path) -> Path:
+    """Results files are written atomically: an interrupted write never leaves a truncated file."""
+    return write_json_atomic(obj, path)
+
+
+def load_results(path: str | Path, kind: str = "results") -> dict:
+    """A results JSON written by one of the commands, with a clear error for anything else."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-    return path
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(payload, dict) or not isinstance(payload.get(kind), list):
+        raise ValueError(f"{path}: not a mixkv results file (no {kind!r} list); give the --json of an earlier run")
+    return payload

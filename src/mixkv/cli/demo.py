@@ -8,24 +8,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import report
-from ..prefill import Prefill, build_cache, greedy_decode, shared_prefill
-from ..press import cache_kv_bytes, press
-from ..registry import make_method
-from .common import TOY_VLM, load, machine_description, parse_list, setup_threads
+from ..core import defaults
+from ..core.capture import capture_prefill
+from ..core.registry import make_method
+from ..lab import report
+from ..lab.run import run_method
+from ..testbeds import sources
+from .common import check_outputs, machine_description, nonneg_int, parse_list, positive_int, setup_threads
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="answer generated prompts with full and compressed caches")
-    p.add_argument("--model", default=TOY_VLM, help=f"{TOY_VLM} (default), smollm2-135m, or a checkpoint")
+    p.add_argument("--model", default=sources.TOY_VLM,
+                   help=f"{sources.TOY_VLM} (default), {sources.SMOLLM2}, or a checkpoint")
     p.add_argument("--methods", default="full,snapkv,snapkv+mixkv,adakv,adakv+mixkv")
-    p.add_argument("--budget", type=int, default=64)
-    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--budget", type=positive_int, default=defaults.BUDGET)
+    p.add_argument("--window", type=positive_int, default=defaults.WINDOW)
     p.add_argument("--tasks", default=None, help="toy-vlm: colour,shape,text; LLMs: passkey,kv_retrieval,redundant")
-    p.add_argument("--length", type=int, default=1500, help="LLM prompts: length in tokens")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--length", type=positive_int, default=1500, help="LLM prompts: length in tokens")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=12)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", default="out/demo.png", help="PNG of the kept tokens")
     p.set_defaults(run=run)
 
@@ -67,29 +70,16 @@ def _text_prompts(tokenizer, tasks: list[str], seed: int, length: int) -> list[P
     return out
 
 
-def _answer(model, pre: Prefill, method, max_new_tokens: int, eos: set[int]):
-    """Decode one method from the shared prefill: (tokens, plans, KV bytes, compress s, decode s)."""
-    start = time.perf_counter()
-    if method is None:
-        cache, plans, secs = build_cache(pre, None, None)
-        nbytes = cache_kv_bytes(cache)
-        tokens = greedy_decode(model, cache, pre.logits, max_new_tokens, eos)
-    else:
-        with press(model, method) as session:
-            cache, plans, secs = build_cache(pre, method, session)
-            nbytes = cache_kv_bytes(cache)
-            tokens = greedy_decode(model, cache, pre.logits, max_new_tokens, eos)
-    return tokens, plans, nbytes, secs, time.perf_counter() - start - secs
-
-
 def run(args) -> int:
-    setup_threads(args.threads)
     methods = parse_list(args.methods)
     for name in methods:  # fail before loading anything
         make_method(name, budget=args.budget, window=args.window)
-    is_vlm = args.model == TOY_VLM
+    check_outputs(args.out)
+    sources.check_model_name(args.model)
+    setup_threads(args.threads)
+    is_vlm = sources.is_toy_vlm(args.model)
     t0 = time.perf_counter()
-    model, processor = load(args.model)
+    model, processor = sources.load(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s on {machine_description()}")
     if is_vlm:
         prompts = _vlm_prompts(processor, parse_list(args.tasks or "colour,shape,text"), args.seed)
@@ -101,7 +91,7 @@ def run(args) -> int:
     rows, drawn = [], None
     num_layers = None
     for prompt in prompts:
-        pre = shared_prefill(model, prompt.inputs, window=args.window)
+        pre = capture_prefill(model, prompt.inputs, window=args.window)
         num_layers = len(pre.layers)
         question = prompt.picture.get("question", f"{prompt.task} prompt")
         print(f"\n[{prompt.task}] {question} — {pre.prompt_length} prompt tokens, prefill {pre.seconds:.1f} s, "
@@ -109,7 +99,9 @@ def run(args) -> int:
         full_bytes, kept = None, {}
         for name in methods:
             method = make_method(name, budget=args.budget, window=args.window)
-            tokens, plans, nbytes, secs, dec = _answer(model, pre, method, args.max_new_tokens, eos)
+            run = run_method(model, pre, method, args.max_new_tokens, eos)
+            tokens, plans, nbytes, secs, dec = run.tokens, run.plans, run.kv_bytes, run.compress_seconds, \
+                run.decode_seconds
             full_bytes = nbytes if method is None else full_bytes
             text = decode(tokens, skip_special_tokens=True).strip()
             ok = prompt.score(text) == 1.0
@@ -130,14 +122,14 @@ def run(args) -> int:
         path = Path(args.out)
         title = f"{args.model}: kept tokens at budget {args.budget}/head"
         if "image" in prompt.picture:
-            from ..analysis import plot_kept_patches
+            from ..lab.analysis_figures import plot_kept_patches
 
             pic = prompt.picture
             plot_kept_patches(pic["image"], pic["grid"], pic["image_positions"], kept, num_layers, n, path,
                               title=f"{title} — {pic['question']} (answer {prompt.answer})",
                               answer_patches=pic["answer_patches"])
         else:
-            from ..plots import plot_kept_positions
+            from ..lab.figures import plot_kept_positions
 
             plot_kept_positions(kept, n, path, title=f"{title} (share of KV heads keeping each position)")
         print(f"\nwrote {path}")

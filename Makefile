@@ -31,7 +31,8 @@ eval: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m mixkv.cli.main bench --model smollm2-135m --contexts 1024,2048,4096,8192 --budget 128 --json out/bench-smollm2.json
 
-# Side by side with kvpress (its own venv: kvpress pins transformers<5.3).
+# Side by side with kvpress: its own venv (kvpress pins transformers<5.3) in ~/.cache/mixkv/venv-kvpress
+# (or $MIXKV_CACHE, $KVPRESS_VENV), built by the script that ships in the package.
 kvpress-env:
 	KVPRESS_TORCH="$(TORCH_PIN)" PYTHON="$(PYTHON)" bash src/mixkv/lab/compare/kvpress/setup_env.sh
 

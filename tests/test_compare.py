@@ -296,7 +296,7 @@ def _cli_args(*argv: str) -> argparse.Namespace:
 
 @pytest.mark.parametrize("argv, message", [
     (["--json", "{tmp}"], "is a directory"),
-    (["--plot", "{tmp}/a-file/c.png"], "not a writable directory"),
+    (["--plot", "{tmp}/a-file/c.png"], "cannot write"),
     (["--gguf", "{tmp}/missing.gguf"], "not a file"),
     (["--model", "other"], "pass --gguf"),
     (["--methods", "snapkv,pyramidkv"], "unknown method"),

@@ -18,6 +18,8 @@ from fractions import Fraction
 
 import torch
 
+from . import defaults
+
 
 def _expand(per_seq: torch.Tensor, num_heads: int) -> torch.Tensor:
     return per_seq[:, None].expand(per_seq.shape[0], num_heads).clone()
@@ -65,7 +67,7 @@ def uniform_counts(cand_budget: torch.Tensor, n_cand: torch.Tensor, num_heads: i
 
 def pyramid_counts(
     cand_budget: torch.Tensor, n_cand: torch.Tensor, layer_idx: int, num_layers: int, num_heads: int,
-    beta: float = 20.0,
+    beta: float = defaults.PYRAMID_BETA,
 ) -> torch.Tensor:
     """PyramidKV: a linear schedule from ``max`` (bottom) to ``min`` (top), computed per prompt.
 
@@ -93,7 +95,7 @@ def pyramid_counts(
 
 def adakv_counts(
     s_ext: torch.Tensor, cand_valid: torch.Tensor, cand_budget: torch.Tensor, n_cand: torch.Tensor,
-    floor: float = 0.2, normalize: bool = True,
+    floor: float = defaults.ADAKV_FLOOR, normalize: bool = True,
 ) -> torch.Tensor:
     """AdaKV: share the layer's ``base * H`` candidates among its heads by their attention mass.
 
@@ -134,7 +136,7 @@ def adakv_counts(
 
 def sparsemm_counts(
     head_scores: torch.Tensor, cand_budget: torch.Tensor, n_cand: torch.Tensor, layer_idx: int,
-    ratio: float = 0.1,
+    ratio: float = defaults.SPARSEMM_RATIO,
 ) -> torch.Tensor:
     """SparseMM: ``ratio * base`` for every head plus a share of the rest by visual-head score.
 

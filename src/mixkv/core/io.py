@@ -24,16 +24,21 @@ def write_json_atomic(obj, path: str | Path, indent: int | None = 1) -> Path:
 
 
 def check_writable(path: str | Path) -> Path:
-    """Raise a clear error now if ``path`` cannot be written later (before any expensive work)."""
+    """Raise a clear error now if ``path`` cannot be written later (before any expensive work).
+
+    Creates the missing folders and probes them with a temporary file: permission bits alone
+    say nothing for root or on read-only file systems.
+    """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"output path {str(path)!r} is a directory; give a file name")
-    folder = path.parent
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {str(path)!r}: {str(existing)!r} is not a writable directory")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"cannot write {str(path)!r}: the file is not writable")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+        if path.exists():
+            with path.open("a"):
+                pass
+    except OSError as e:
+        raise ValueError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
     return path

@@ -56,7 +56,7 @@ def describe_method(name: str) -> str:
 
 
 def make_method(name: str, budget: int | None = defaults.BUDGET, ratio: float | None = None,
-                window: int = defaults.WINDOW, redundancy="online", profile=None, **kwargs) -> Method | None:
+                window: int = defaults.WINDOW, redundancy=defaults.REDUNDANCY, profile=None, **kwargs) -> Method | None:
     """Build a method from its registry name; ``"full"`` gives None (no compression).
 
     ``profile`` is a calibration profile (path or Profile): SparseMM's head scores, and MixKV's

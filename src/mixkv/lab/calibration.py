@@ -5,7 +5,7 @@ What a profile holds (see :mod:`mixkv.core.profiles` for the JSON format):
 ``key_redundancy`` / ``value_redundancy``
     The mean over calibration prompts of each head's average pairwise cosine similarity of its
     cached keys (values), computed from the exact prefill with padding excluded
-    (:func:`mixkv.core.scores.redundancy`, O(N)). This is MixKV's offline ``r`` (DESIGN.md item 5).
+    (:func:`mixkv.core.scores.redundancy`, O(N)). This is MixKV's offline ``r`` (``docs/method.md``, MixKV step 5).
 ``head_scores`` (only when prompts carry an answer region)
     SparseMM-style visual-head scores. After the prompt the model decodes greedily
     (``max_new_tokens``, full cache). For every decoded step whose produced token is part of the

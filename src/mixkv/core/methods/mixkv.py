@@ -29,7 +29,7 @@ class MixKV(ScoreWrapper):
 
     Parameters:
 
-    * ``base``: the base method (SnapKV, PyramidKV, AdaKV, SparseMM, random);
+    * ``base``: the base method (SnapKV, PyramidKV, AdaKV, SparseMM);
     * ``redundancy``: ``"online"`` (default: from the current prompt's keys, O(N)) or an offline
       :class:`~mixkv.core.profiles.Profile` / JSON path with ``key_redundancy`` per (layer, KV head);
     * ``use_vnorm`` / ``use_diversity``: switch the two added terms off (for ablations).

@@ -26,8 +26,8 @@ def test_bench_rows_report_exact_kv_bytes():
     assert by["snapkv"].kv_bytes == by["snapkv"].kv_bytes_theory == 20 * 2 * 2 * per_token
     ada = by["adakv+mixkv"]
     assert ada.kv_bytes == ada.kv_bytes_theory
-    # AdaKV shares each layer's 2 x 12 candidates among heads; rounding moves at most 1 token per head.
-    assert abs(ada.kv_bytes - 20 * 2 * 2 * per_token) <= 2 * 2 * per_token
+    # AdaKV shares each layer's 2 x 12 candidates among heads, exactly (largest-remainder rounding).
+    assert ada.kv_bytes == 20 * 2 * 2 * per_token
     for name in ("snapkv", "adakv+mixkv"):
         r = by[name]
         assert r.kv_bytes_allocated >= r.kv_bytes
@@ -37,8 +37,24 @@ def test_bench_rows_report_exact_kv_bytes():
 
 
 def test_micro_decode_step_rows():
-    rows = micro_decode_step([64, 128], iters=3, progress=False)
-    assert [r["tokens_per_head"] for r in rows] == [64, 128]
+    rows = micro_decode_step([64, 128], layouts=["3x3x16", "8x2x16"], batches=[1, 2], iters=2, progress=False,
+                             max_tokens=2000)
+    # 8 heads x batch 2 x 128 tokens = 2048 > max_tokens: skipped.
+    assert [(r["layout"], r["batch"], r["tokens_per_head"]) for r in rows] == [
+        ("3x3x16", 1, 64), ("3x3x16", 1, 128), ("3x3x16", 2, 64), ("3x3x16", 2, 128),
+        ("8x2x16", 1, 64), ("8x2x16", 1, 128), ("8x2x16", 2, 64)]
     for r in rows:
-        assert r["varlen_ms"] > 0 and r["dense_ms"] > 0
+        assert r["varlen_ms"] > 0 and r["dense_ms"] > 0 and r["padded_ms"] > 0
         assert r["min_len"] < r["max_len"]  # heads really differ in length
+        # Exact bytes: kept tokens x head dim x K and V x 4 bytes, plus the decoded token.
+        assert r["kv_bytes"] == (r["batch"] * r["num_kv_heads"] * (r["tokens_per_head"] + 1)) * 16 * 2 * 4
+
+
+def test_throughput_rows():
+    from mixkv.lab.benchmark import throughput
+
+    model = make_model("llama")
+    inputs = make_inputs(model, "llama", batch=3, text_len=60)
+    rows = throughput(model, inputs, ["full", "snapkv+mixkv", "adakv+mixkv"], budget=20, window=4, steps=2)
+    assert [r["method"] for r in rows] == ["full", "snapkv+mixkv", "adakv+mixkv"]
+    assert all(r["batch"] == 3 and r["tokens_per_s"] > 0 for r in rows)

@@ -47,7 +47,7 @@ def dense_reference(query, keys, values, plan, new_k, new_v, scaling):
 
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "scatter"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 def test_varlen_attention_matches_masked_dense(seed, dtype, fused):
     gen = torch.Generator().manual_seed(seed)
     b = 1 + seed % 3
@@ -136,19 +136,80 @@ def test_flat_layer_refuses_beam_search_and_crop():
     del gen
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_and_scatter_packed_paths_agree(dtype):
-    """The fused CPU kernel really runs (no silent fallback) and agrees with the portable path."""
-    from mixkv.core.attention import _cpu_flash_with_lse, _packed_attention_fused, _packed_attention_scatter
+@pytest.fixture
+def chunked(monkeypatch):
+    """Force chunk regions even on small test layers (tiny chunk sizes, no small-layer shortcut)."""
+    import mixkv.core.packing as packing
 
-    if _cpu_flash_with_lse() is None:
-        pytest.skip("this torch build has no fused CPU attention with log-sum-exp")
-    gen = torch.Generator().manual_seed(5)
-    keys, values = torch.randn(2, 3, 64, 16, generator=gen).to(dtype), torch.randn(2, 3, 64, 16).to(dtype)
-    layer = CompressedLayer(keys, values, random_plan(2, 3, 64, 4, gen), prompt_length=64)
-    qs = torch.randn(6, 4, 16, generator=gen).to(dtype)
-    out_f, lse_f = _packed_attention_fused(qs, layer, 0.25)
-    out_s, lse_s = _packed_attention_scatter(qs, layer, 0.25)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(out_f, out_s, rtol=tol, atol=tol)
-    torch.testing.assert_close(lse_f, lse_s, rtol=tol, atol=tol)
+    monkeypatch.setattr(packing, "SMALL_LAYER", 0)
+    monkeypatch.setattr(packing, "CHUNK_SIZES", (8, 3))
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_chunked_layout_matches_masked_dense(chunked, seed, dtype, fused):
+    """Chunk regions + remainder + tail, merged by log-sum-exp, equal plain masked attention:
+    GQA 1-8, batches, multi-token continuations, heads that keep a single token."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    b, h, g = 1 + seed % 4, 1 + seed % 5, [1, 2, 4, 8, 3][seed % 5]
+    d, n, window = 8 * (1 + seed % 2), 20 + 9 * seed, 1 + seed % 3
+    keys = torch.randn(b, h, n, d, generator=gen).to(dtype)
+    values = torch.randn(b, h, n, d, generator=gen).to(dtype)
+    plan = random_plan(b, h, n, window, gen)
+    layer = CompressedLayer(keys, values, plan, prompt_length=n)
+    if not layer.is_flat:
+        pytest.skip("uniform draw")
+    assert layer.packing.regions, "the fixture should force chunk regions"
+    new_k = torch.empty(b, h, 0, d, dtype=dtype)
+    new_v = torch.empty(b, h, 0, d, dtype=dtype)
+    for step, q in enumerate([1, 4, 1, 2, 1]):
+        k_step = torch.randn(b, h, q, d, generator=gen).to(dtype)
+        v_step = torch.randn(b, h, q, d, generator=gen).to(dtype)
+        layer.update(k_step, v_step)
+        new_k, new_v = torch.cat([new_k, k_step], 2), torch.cat([new_v, v_step], 2)
+        query = torch.randn(b, h * g, q, d, generator=gen).to(dtype)
+        got = varlen_attention(query, layer, d**-0.5, fused=fused)
+        ref = dense_reference(query, keys, values, plan, new_k, new_v, d**-0.5)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol, msg=f"step {step}")
+
+
+def test_packing_places_every_token_once_in_pure_chunks():
+    from mixkv.core.packing import plan_packing
+
+    lengths = torch.tensor([0, 1, 7, 8, 9, 130, 300, 17, 16, 15])
+    order, p = plan_packing(lengths, chunk_sizes=(128, 8), small_layer=0)
+    total = int(lengths.sum())
+    assert sorted(order.tolist()) == list(range(total))  # a permutation: nothing padded, nothing lost
+    seg_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    start = 0
+    for reg in p.regions:
+        assert reg.start == start
+        segs = seg_of[order[reg.start : reg.end]].view(reg.chunks, reg.size)
+        assert bool((segs == reg.chunk_seg[:, None]).all())  # every chunk holds one segment's tokens
+        start = reg.end
+    rem = seg_of[order[p.rem_start :]]
+    assert torch.equal(rem, p.rem_seg)
+    per_seg = torch.bincount(rem, minlength=len(lengths))
+    assert bool((per_seg < 8).all()) and torch.equal(per_seg > 0, p.has_rem)
+    # Segment order inside each region and the remainder is preserved, token order inside a segment too.
+    for s in range(len(lengths)):
+        pos = order[seg_of[order] == s]
+        assert pos.tolist() == sorted(pos.tolist())
+    assert p.row_seg.shape[0] == sum(r.chunks for r in p.regions) + 2 * len(lengths)
+
+
+def test_index_bytes_stay_small_next_to_the_kept_tokens():
+    """Bytes held beyond the kept keys and values: the packing's indexes, under 2% for real layouts."""
+    gen = torch.Generator().manual_seed(0)
+    for b, h, d, mean in [(1, 8, 128, 1024), (1, 32, 128, 4096), (8, 8, 128, 1024), (1, 4, 128, 256)]:
+        lengths = (mean * (0.5 + torch.rand(b, h, generator=gen))).long()
+        n = int(lengths.max())
+        plan = KeepPlan(torch.arange(n).expand(b, h, n).clone(), lengths)
+        layer = CompressedLayer(torch.randn(b, h, n, d).bfloat16(), torch.randn(b, h, n, d).bfloat16(), plan, n)
+        layer.update(torch.randn(b, h, 1, d).bfloat16(), torch.randn(b, h, 1, d).bfloat16())
+        varlen_attention(torch.randn(b, h * 4, 1, d).bfloat16(), layer, d**-0.5)  # builds the remainder mask
+        kept = 2 * int(lengths.sum()) * d * 2
+        extra = layer.allocated_bytes() - kept - 2 * layer._tail_k.numel() * 2
+        assert 0 <= extra <= 0.02 * kept, (b, h, mean, extra / kept)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from ..core import defaults
 from ..core.registry import make_method
 from ..lab import report
-from ..lab.benchmark import bench_context, micro_decode_step, rows_to_dicts
+from ..lab.benchmark import LAYOUTS, bench_context, micro_decode_step, parse_layout, rows_to_dicts, throughput
 from ..testbeds import sources
 from ..testbeds import tasks as task_suite
 from .common import check_outputs, machine_description, parse_list, positive_int, setup_threads, write_json
@@ -26,7 +28,16 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(sources.DTYPES))
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--micro", action="store_true", help="only the decode-attention microbenchmark (no model)")
-    p.add_argument("--micro-lengths", default="1024,2048,4096,8192,16384")
+    p.add_argument("--micro-lengths", default="1024,4096,16384", help="mean tokens per head")
+    p.add_argument("--micro-layouts", default=",".join(LAYOUTS),
+                   help="KVHEADSxGROUPxHEADDIM layouts (default: SmolLM2, Qwen2.5-VL-3B/7B, LLaVA-NeXT, LLaVA-1.5)")
+    p.add_argument("--micro-batches", default="1,8")
+    p.add_argument("--micro-iters", type=positive_int, default=30)
+    p.add_argument("--micro-max-tokens", type=positive_int, default=1 << 20,
+                   help="skip settings with more tokens per layer (B x H x L) than this (memory)")
+    p.add_argument("--throughput", action="store_true",
+                   help="tokens/s of a batch of long prompts decoded together (with --batch, --contexts)")
+    p.add_argument("--batch", type=positive_int, default=8, help="--throughput: prompts decoded together")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of decode time and KV bytes vs context")
     p.set_defaults(run=run)
@@ -41,20 +52,9 @@ def _prompt(tokenizer, n_tokens: int) -> dict:
 def run(args) -> int:
     check_outputs(args.json, args.plot)
     if args.micro:
-        lengths = parse_list(args.micro_lengths, int)
-        if any(n < 1 for n in lengths):
-            raise ValueError(f"--micro-lengths must be positive token counts, got {lengths}")
-        threads = setup_threads(args.threads)
-        machine = machine_description()
-        rows = micro_decode_step(lengths)
-        print(report.format_table(
-            ["tokens/head", "KV heads x group", "varlen ms", "dense ms", "ratio"],
-            [[r["tokens_per_head"], f"{r['num_kv_heads']} x {r['group']}", r["varlen_ms"], r["dense_ms"],
-              f"{r['ratio']:.2f}x"] for r in rows]))
-        print(f"\n{machine}, {threads} threads")
-        if args.json:
-            print(f"wrote {write_json({'micro': rows, 'machine': machine, 'threads': threads}, args.json)}")
-        return 0
+        return run_micro(args)
+    if args.throughput:
+        return run_throughput(args)
     methods = parse_list(args.methods)
     for name in methods:  # bad names and budgets fail here, before the model loads
         make_method(name, budget=args.budget, window=args.window)
@@ -99,4 +99,56 @@ def run(args) -> int:
         from ..lab.figures import plot_bench
 
         print(f"wrote {plot_bench(data, args.plot, title=f'{args.model}, budget {args.budget}, {machine}')}")
+    return 0
+
+
+def run_micro(args) -> int:
+    lengths = parse_list(args.micro_lengths, int)
+    batches = parse_list(args.micro_batches, int)
+    layouts = parse_list(args.micro_layouts)
+    for layout in layouts:
+        parse_layout(layout)
+    if min(lengths + batches) < 1:
+        raise ValueError(f"--micro-lengths and --micro-batches must be positive, got {lengths} / {batches}")
+    threads = setup_threads(args.threads)
+    machine = machine_description()
+    dtype = sources.check_dtype(args.dtype)
+    rows = micro_decode_step(lengths, layouts, batches, iters=args.micro_iters, dtype=dtype,
+                             max_tokens=args.micro_max_tokens)
+    print(report.format_table(
+        ["layout", "model", "batch", "tokens/head", "varlen ms", "dense ms", "padded+mask ms", "vs dense",
+         "vs padded"],
+        [[r["layout"], r["model"], r["batch"], r["tokens_per_head"], r["varlen_ms"], r["dense_ms"], r["padded_ms"],
+          f"{r['ratio']:.2f}x", f"{r['ratio_padded']:.2f}x"] for r in rows]))
+    print(f"\none decode step of attention, {args.dtype}, lengths +-50% per head; {machine}, {threads} threads")
+    if args.json:
+        payload = {"micro": rows, "machine": machine, "threads": threads, "dtype": args.dtype}
+        print(f"wrote {write_json(payload, args.json)}")
+    return 0
+
+
+def run_throughput(args) -> int:
+    methods = parse_list(args.methods)
+    for name in methods:
+        make_method(name, budget=args.budget, window=args.window)
+    contexts = parse_list(args.contexts, int)
+    sources.check_model_name(args.model)
+    threads = setup_threads(args.threads)
+    machine = machine_description()
+    model, tokenizer = sources.load(args.model, args.dtype)
+    rows = []
+    for ctx in contexts:
+        prompts = [task_suite.make_passkey(seed, ctx, tokenizer) for seed in range(args.batch)]
+        texts = [task_suite.build_prompt(tokenizer, p) for p in prompts]
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        n = min(len(x) for x in ids)  # equal lengths: cut each prompt's start, no padding needed
+        batch = torch.tensor([x[len(x) - n:] for x in ids], device=model.device)
+        inputs = {"input_ids": batch, "attention_mask": torch.ones_like(batch)}
+        rows.extend(throughput(model, inputs, methods, args.budget, args.window, args.steps))
+    print(report.format_table(["batch", "prompt tokens", "method", "decode step ms", "tokens/s"],
+                              [[r["batch"], r["prompt_tokens"], r["method"], r["step_ms"], r["tokens_per_s"]]
+                               for r in rows]))
+    print(f"\n{args.model}, budget {args.budget}; {machine}, {threads} threads")
+    if args.json:
+        print(f"wrote {write_json({'throughput': rows, 'machine': machine, 'threads': threads}, args.json)}")
     return 0

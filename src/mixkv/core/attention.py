@@ -31,68 +31,87 @@ def _flash_varlen():
         return None
 
 
+def _cpu_flash_with_lse():
+    """PyTorch's fused CPU attention that also returns the log-sum-exp (None if this build lacks it)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def _tail_causal_mask(q: int, g: int, length: int, device) -> torch.Tensor:
     """``(G*q, L)``: query ``i`` (last ``q`` tail entries are the new tokens) sees tail ``<= L - q + i``."""
     i = torch.arange(q, device=device).repeat(g)
     return torch.arange(length, device=device)[None, :] <= (length - q + i)[:, None]
 
 
-def _cpu_flash_with_lse():
-    """PyTorch's fused CPU attention that also returns the log-sum-exp (None if this build lacks it)."""
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                    fused: bool | None = None, blind: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` ``(N, 1, M, D)`` over ``k``/``v`` ``(N, 1, L, D)`` with its log-sum-exp.
 
-
-def _packed_attention_fused(qs: torch.Tensor, layer: CompressedLayer, scaling: float):
-    """Attention of ``qs`` ``(S, Gq, D)`` over the packed part: one fused kernel call.
-
-    All ``S * Gq`` query rows attend over all ``T`` packed tokens with a block mask that lets
-    each row see only its own (sequence, head) segment; the kernel returns the log-sum-exp we
-    need to merge with the tail.
+    ``mask``: additive, broadcastable to ``(N, 1, M, L)``, in ``q``'s dtype. Returns ``out``
+    ``(N, M, D)`` and ``lse`` ``(N, M)`` in float32; rows that see no key must be named in
+    ``blind`` ``(N, M)`` and get ``lse = -inf``, ``out = 0``. On CPU the fused kernel runs (one
+    call for all ``N``); elsewhere, or with ``fused=False``, a float32 reference in plain matmuls.
     """
-    s, gq, d = qs.shape
-    t = layer.flat_k.shape[0]
-    rows = torch.arange(s, device=qs.device, dtype=layer.seg_ids.dtype).repeat_interleave(gq)
-    bias = torch.zeros(s * gq, t, dtype=qs.dtype, device=qs.device)
-    bias.masked_fill_(rows[:, None] != layer.seg_ids[None, :], float("-inf"))
-    out, lse = _cpu_flash_with_lse()(
-        qs.reshape(1, 1, s * gq, d), layer.flat_k[None, None], layer.flat_v[None, None], 0.0, False,
-        attn_mask=bias[None, None], scale=scaling,
-    )
-    return out.view(s, gq, d).float(), lse.view(s, gq).float()
-
-
-def _packed_attention_scatter(qs: torch.Tensor, layer: CompressedLayer, scaling: float):
-    """Portable fallback for the packed part (any device / dtype): segment softmax with scatter ops.
-
-    Scores every token against all query groups in one matmul and keeps its own group's
-    columns; per-segment max and sums via scatter/index_add. Returns ``(out, lse)``.
-    """
-    s, gq, d = qs.shape
-    seg = layer.seg_ids.long()
-    t = seg.shape[0]
-    logits_all = torch.matmul(layer.flat_k, qs.reshape(s * gq, d).transpose(0, 1))  # (T, S*Gq)
-    own = logits_all.view(t, s, gq).gather(1, seg.view(t, 1, 1).expand(t, 1, gq)).squeeze(1).float() * scaling
-    m = torch.full((s, gq), float("-inf"), device=qs.device)
-    m = m.scatter_reduce(0, seg.view(t, 1).expand(t, gq), own, reduce="amax", include_self=True)
-    safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(own - safe_m[seg])  # (T, Gq)
-    den = torch.zeros(s, gq, device=qs.device).index_add_(0, seg, e)
-    spread = torch.zeros(t, s, gq, dtype=layer.flat_v.dtype, device=qs.device)
-    spread.scatter_(1, seg.view(t, 1, 1).expand(t, 1, gq), e.to(spread.dtype)[:, None, :])
-    num = torch.matmul(spread.view(t, s * gq).transpose(0, 1), layer.flat_v).float().view(s, gq, d)
-    return num / den.clamp_min(1e-30)[..., None], safe_m + torch.log(den)
-
-
-def packed_attention(qs: torch.Tensor, layer: CompressedLayer, scaling: float, fused: bool | None = None):
-    """``(out, lse)`` of queries ``(S, Gq, D)`` over the packed part; fused kernel on CPU when available."""
     if fused is None:
-        fused = qs.device.type == "cpu" and _cpu_flash_with_lse() is not None
+        fused = q.device.type == "cpu" and _cpu_flash_with_lse() is not None
     if fused:
         try:
-            return _packed_attention_fused(qs, layer, scaling)
+            out, lse = _cpu_flash_with_lse()(q, k, v, 0.0, False, attn_mask=mask, scale=scaling)
+            out, lse = out[:, 0].float(), lse[:, 0].float()
+            if blind is not None:  # the kernel reports a fully masked row as lse 0
+                lse = lse.masked_fill(blind, float("-inf"))
+            return out, lse
         except RuntimeError:  # a torch build whose private kernel rejects these inputs
             pass
-    return _packed_attention_scatter(qs, layer, scaling)
+    logits = torch.matmul(q[:, 0].float(), k[:, 0].float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        logits = logits + mask[:, 0].float()
+    lse = torch.logsumexp(logits, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = torch.matmul(torch.exp(logits - safe[..., None]), v[:, 0].float())
+    return out, lse
+
+
+def _packed_parts(qs: torch.Tensor, layer: CompressedLayer, scaling: float, fused: bool | None):
+    """Per-row ``(out, lse)`` of the packed prompt tokens: one row per chunk of each region, then
+    one per segment for the remainder (rows' segments: ``layer.packing.row_seg``)."""
+    s, gq, d = qs.shape
+    p = layer.packing
+    outs, lses = [], []
+    for reg in p.regions:
+        q = qs.index_select(0, reg.chunk_seg)[:, None]
+        k = layer.flat_k[reg.start : reg.end].view(reg.chunks, 1, reg.size, d)
+        v = layer.flat_v[reg.start : reg.end].view(reg.chunks, 1, reg.size, d)
+        out, lse = attend_with_lse(q, k, v, None, scaling, fused)
+        outs.append(out)
+        lses.append(lse)
+    r = p.rem_seg.shape[0]
+    if r:
+        mask, blind = layer.remainder_mask(gq, qs.dtype)
+        out, lse = attend_with_lse(qs.reshape(1, 1, s * gq, d), layer.flat_k[p.rem_start :][None, None],
+                                   layer.flat_v[p.rem_start :][None, None], mask, scaling, fused, blind)
+        outs.append(out.view(s, gq, d))
+        lses.append(lse.view(s, gq))
+    else:
+        outs.append(qs.new_zeros(s, gq, d, dtype=torch.float32))
+        lses.append(torch.full((s, gq), float("-inf"), device=qs.device))
+    return outs, lses
+
+
+def merge_by_lse(outs: list[torch.Tensor], lses: list[torch.Tensor], row_seg: torch.Tensor, num_segments: int):
+    """Merge partial attention results ``(rows, M, D)`` / ``(rows, M)`` into one per segment, exactly.
+
+    Each row is a softmax over a disjoint part of its segment's keys; weighting the rows by
+    ``exp(lse - max)`` recovers the softmax over the union (as flash-decoding merges splits).
+    Every segment needs one row with a finite ``lse`` (the decoded tail always has one).
+    """
+    lse = torch.cat(lses)
+    out = torch.cat(outs)
+    m = torch.full((num_segments, lse.shape[1]), float("-inf"), device=lse.device)
+    m = m.scatter_reduce(0, row_seg[:, None].expand_as(lse), lse, reduce="amax")
+    w = torch.exp(lse - m.index_select(0, row_seg))
+    den = torch.zeros_like(m).index_add_(0, row_seg, w)
+    num = torch.zeros(num_segments, *out.shape[1:], device=out.device).index_add_(0, row_seg, out * w[..., None])
+    return num / den[..., None]
 
 
 def varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float,
@@ -100,40 +119,37 @@ def varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float
     """Exact attention of ``query`` over a compressed layer whose heads differ in length.
 
     ``query`` ``(B, Hq, q, D)`` (the new tokens, already appended to the layer's tail). The
-    packed prompt part and the dense tail of decoded tokens are attended separately and merged
-    by their log-sum-exp, so nothing is padded and nothing is copied per step.
+    packed prompt part (chunk regions and remainder) and the dense tail of decoded tokens are
+    attended separately and merged by their log-sum-exp: nothing is padded, nothing copied per
+    step, and the work is proportional to the tokens each head holds.
     Returns ``(B, q, Hq, D)``, the layout transformers' attention functions return.
     """
     b, hq, q, d = query.shape
     h = layer.num_heads
     g = hq // h
     gq = g * q
-    qg = query.reshape(b, h, gq, d)
-    tk, tv = layer.keys, layer.values
-    lt = tk.shape[2]
-    logits = torch.matmul(qg, tk.transpose(-1, -2)).float() * scaling  # (B, H, Gq, Lt)
+    s = b * h
+    qs = query.reshape(b, h, gq, d).reshape(s, gq, d)
+    lt = layer.keys.shape[2]
+    tail_mask = None
     if q > 1:
-        logits = logits.masked_fill(~_tail_causal_mask(q, g, lt, query.device), float("-inf"))
-    if lt > 0:
-        lse = torch.logsumexp(logits, dim=-1)  # (B, H, Gq)
-        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        out = torch.matmul(torch.exp(logits - safe[..., None]).to(tv.dtype), tv).float()
-    else:
-        lse = torch.full((b, h, gq), float("-inf"), device=query.device)
-        out = torch.zeros(b, h, gq, d, device=query.device)
+        allowed = _tail_causal_mask(q, g, lt, query.device)
+        tail_mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        tail_mask = tail_mask.masked_fill(~allowed, float("-inf"))[None, None]
+    out_t, lse_t = attend_with_lse(qs[:, None], layer.keys.reshape(s, 1, lt, d), layer.values.reshape(s, 1, lt, d),
+                                   tail_mask, scaling, fused)
     if layer.is_flat:
-        out_p, lse_p = packed_attention(qg.reshape(b * h, gq, d), layer, scaling, fused)
-        out_p, lse_p = out_p.view(b, h, gq, d), lse_p.view(b, h, gq)
-        total = torch.logaddexp(lse, lse_p)
-        out = out * torch.exp(lse - total)[..., None] + out_p * torch.exp(lse_p - total)[..., None]
-    out = torch.nan_to_num(out)
+        outs, lses = _packed_parts(qs, layer, scaling, fused)
+        out = merge_by_lse([*outs, out_t], [*lses, lse_t], layer.packing.row_seg, s)
+    else:
+        out = out_t
     return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).to(query.dtype).contiguous()
 
 
 def flash_varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float):  # pragma: no cover
-    """CUDA fast path for single-token decoding: flash-attn varlen over the packed part, merged
-    by log-sum-exp with the dense tail. Each (sequence, KV head) is one varlen "sequence" with
-    ``G`` query heads and one KV head, as ``cu_seqlens`` describes. Returns None when not usable.
+    """CUDA fast path for single-token decoding: flash-attn varlen over each packed region (every
+    segment's part of a region is contiguous, as ``cu_seqlens`` describes), merged by log-sum-exp
+    with the dense tail. Returns None when not usable. Not run on this project's CPU machines.
     """
     fn = _flash_varlen()
     if fn is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or query.shape[2] != 1:
@@ -142,23 +158,25 @@ def flash_varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling:
     h = layer.num_heads
     g = hq // h
     s = b * h
-    q_packed = query.reshape(b, h, g, d).reshape(s, g, d)
+    p = layer.packing
+    qs = query.reshape(b, h, g, d).reshape(s, g, d)
     cu_q = torch.arange(s + 1, device=query.device, dtype=torch.int32)
-    cu_k = layer.seg_offsets.to(torch.int32)
-    max_k = int(layer.seg_lengths.max().item())
-    out_flat, lse_flat, _ = fn(
-        q_packed, layer.flat_k[:, None, :], layer.flat_v[:, None, :], cu_q, cu_k, 1, max_k,
-        softmax_scale=scaling, causal=False, return_attn_probs=True,
-    )
-    # lse_flat: (G, S) for varlen in flash-attn 2.x
-    lse_flat = lse_flat.view(g, s).transpose(0, 1).reshape(b, h, g).float()
-    out_flat = out_flat.view(b, h, g, d).float()
-    qg = query.reshape(b, h, g, d)
-    logits = torch.matmul(qg, layer.keys.transpose(-1, -2)).float() * scaling  # (B, H, G, Lt)
-    lse_tail = torch.logsumexp(logits, dim=-1)
-    out_tail = torch.matmul(torch.softmax(logits, dim=-1).to(layer.values.dtype), layer.values).float()
-    lse = torch.logaddexp(lse_flat, lse_tail)
-    out = out_flat * torch.exp(lse_flat - lse)[..., None] + out_tail * torch.exp(lse_tail - lse)[..., None]
+    spans = [(r.start, r.end, r.cu, r.max_len) for r in p.regions]
+    spans.append((p.rem_start, layer.flat_k.shape[0], p.rem_cu, p.rem_max))
+    outs, lses = [], []
+    for start, end, cu, max_len in spans:
+        if max_len == 0:
+            continue
+        out, lse, _ = fn(qs, layer.flat_k[start:end, None], layer.flat_v[start:end, None], cu_q, cu.to(torch.int32),
+                         1, max_len, softmax_scale=scaling, causal=False, return_attn_probs=True)
+        lse = lse.view(g, s).transpose(0, 1).float()  # flash-attn 2.x varlen: (heads, total_q)
+        empty = (cu[1:] == cu[:-1])[:, None]
+        outs.append(out.float())
+        lses.append(lse.masked_fill(empty, float("-inf")))
+    out_t, lse_t = attend_with_lse(qs[:, None], layer.keys.reshape(s, 1, -1, d), layer.values.reshape(s, 1, -1, d),
+                                   None, scaling)
+    rows = torch.arange(s, device=query.device).repeat(len(outs) + 1)
+    out = merge_by_lse([*outs, out_t], [*lses, lse_t], rows, s)
     return out.view(b, hq, 1, d).transpose(1, 2).to(query.dtype).contiguous()
 
 

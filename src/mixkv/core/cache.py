@@ -2,10 +2,11 @@
 
 Two parts:
 
-* ``flat``: the prompt tokens kept by a head-adaptive method, packed head after head in one
-  ``(T, D)`` buffer with per-(sequence, head) offsets (``seg_offsets``, like flash-attention's
-  ``cu_seqlens``). It is written once, after prefill, with no padding: bytes equal the kept
-  tokens exactly. ``None`` when every head keeps the same number of tokens.
+* ``flat``: the prompt tokens kept by a head-adaptive method, packed in one ``(T, D)`` buffer
+  in chunk regions plus a small remainder (:mod:`mixkv.core.packing`), so decode attention does
+  work proportional to the tokens each head holds. It is written once, after prefill, with no
+  padding: bytes equal the kept tokens exactly. ``None`` when every head keeps the same number
+  of tokens.
 * ``tail``: a dense ``(B, H, capacity, D)`` buffer that grows geometrically (amortised O(1)
   per decoded token, no copy of the layer per step). With a uniform budget it also holds the
   kept prompt tokens, so decoding runs the model's own attention kernel on a plain view.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from .packing import Packing, plan_packing
 from .selection import KeepPlan
 
 MIN_GROWTH = 16
@@ -45,23 +47,17 @@ class CompressedLayer(CacheLayerMixin):
         gather = plan.indices[..., None].expand(b, h, plan.indices.shape[-1], d)
         k_sel = keys.gather(2, gather)
         v_sel = values.gather(2, gather)
+        self.packing: Packing | None = None
+        self._rem_masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         if plan.uniform:
             self.flat_k = self.flat_v = None
-            self.seg_offsets = self.seg_lengths = self.seg_ids = None
             self._tail_k, self._tail_v = k_sel.contiguous(), v_sel.contiguous()
             self.tail_len = k_sel.shape[2]
         else:
             valid = plan.valid()
-            self.flat_k = k_sel[valid].contiguous()  # (T, D), head after head
-            self.flat_v = v_sel[valid].contiguous()
-            self.seg_lengths = plan.lengths.reshape(-1).to(torch.long)
-            self.seg_offsets = torch.zeros(b * h + 1, dtype=torch.long, device=keys.device)
-            self.seg_offsets[1:] = self.seg_lengths.cumsum(0)
-            # int32 keeps this per-token index under 1% of the KV bytes it describes.
-            self.seg_ids = torch.repeat_interleave(
-                torch.arange(b * h, device=keys.device, dtype=torch.int32), self.seg_lengths,
-                output_size=self.flat_k.shape[0],
-            )
+            order, self.packing = plan_packing(plan.lengths.reshape(-1))
+            self.flat_k = k_sel[valid][order].contiguous()  # (T, D), see mixkv.core.packing
+            self.flat_v = v_sel[valid][order].contiguous()
             self._tail_k = keys.new_empty(b, h, 0, d)
             self._tail_v = values.new_empty(b, h, 0, d)
             self.tail_len = 0
@@ -73,6 +69,26 @@ class CompressedLayer(CacheLayerMixin):
     @property
     def is_flat(self) -> bool:
         return self.flat_k is not None
+
+    def remainder_mask(self, rows_per_segment: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive ``(1, 1, S * rows, R)`` mask letting each segment's query rows see only its remainder
+        tokens, and ``(1, S * rows)`` True on rows of segments without any.
+
+        Kept for the next steps when it costs at most 1% of the packed tokens' bytes (large layers,
+        whose remainder is under ``S * 16`` tokens); rebuilt each step otherwise (small layers).
+        """
+        key = (rows_per_segment, dtype)
+        cached = self._rem_masks.get(key)
+        if cached is None:
+            p = self.packing
+            seg_rows = torch.arange(p.num_segments, device=self.device).repeat_interleave(rows_per_segment)
+            mask = torch.zeros(seg_rows.shape[0], p.rem_seg.shape[0], dtype=dtype, device=self.device)
+            mask.masked_fill_(seg_rows[:, None] != p.rem_seg[None, :], float("-inf"))
+            blind = (~p.has_rem).repeat_interleave(rows_per_segment)[None]
+            cached = (mask[None, None], blind)
+            if mask.numel() * mask.element_size() <= 0.01 * 2 * self.flat_k.numel() * self.flat_k.element_size():
+                self._rem_masks[key] = cached
+        return cached
 
     def _sync_views(self) -> None:
         self.keys = self._tail_k[:, :, : self.tail_len]
@@ -184,8 +200,8 @@ class CompressedLayer(CacheLayerMixin):
         elem = torch.finfo(self.dtype).bits // 8
         total = 2 * self._tail_k.numel() * elem
         if self.flat_k is not None:
-            total += 2 * self.flat_k.numel() * elem
-            total += (self.seg_offsets.numel() + self.seg_lengths.numel()) * 8 + self.seg_ids.numel() * 4
+            total += 2 * self.flat_k.numel() * elem + self.packing.index_bytes()
+            total += sum(t.numel() * t.element_size() for pair in self._rem_masks.values() for t in pair)
         return total
 
     def __repr__(self) -> str:

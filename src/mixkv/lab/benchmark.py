@@ -121,58 +121,139 @@ def rows_to_dicts(rows: Sequence[BenchRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-def _timed_pair(first, second, iters: int) -> tuple[float, float]:
-    """Median seconds of two functions, interleaved so that machine noise hits both alike."""
-    for _ in range(3):
-        first()
-        second()
-    a, b = [], []
+def timed_interleaved(fns: Sequence, iters: int, warmup: int = 3) -> list[float]:
+    """Median seconds of each function, run in turns so that machine noise hits all alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(iters):
-        t0 = time.perf_counter()
-        first()
-        t1 = time.perf_counter()
-        second()
-        t2 = time.perf_counter()
-        a.append(t1 - t0)
-        b.append(t2 - t1)
-    return statistics.median(a), statistics.median(b)
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 # ---- microbenchmark: one decoding step over per-head lengths vs a dense cache --------------------
 
-def micro_decode_step(lengths_per_head: Sequence[int], num_kv_heads: int = 3, group: int = 3, head_dim: int = 64,
-                      iters: int = 50, spread: float = 0.5, seed: int = 0, dtype=torch.float32,
-                      progress: bool = True) -> list[dict]:
-    """Median time of one decode step: variable-length layer vs dense SDPA with the same total tokens.
+LAYOUTS = {  # KV heads x query heads per KV head, head dim: the layouts of real models
+    "3x3x64": "SmolLM2-135M",
+    "2x6x128": "Qwen2.5-VL-3B",
+    "4x7x128": "Qwen2.5-VL-7B, InternVL3-8B",
+    "8x4x128": "LLaVA-NeXT-Mistral-7B, Llama-3-8B",
+    "32x1x128": "LLaVA-1.5-7B",
+}
+
+
+def parse_layout(text: str) -> tuple[int, int, int]:
+    """``"8x4x128"`` -> (KV heads, query heads per KV head, head dim)."""
+    try:
+        h, g, d = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"layout {text!r} is not KVHEADSxGROUPxHEADDIM, e.g. 8x4x128") from None
+    if min(h, g, d) < 1:
+        raise ValueError(f"layout {text!r}: every part must be positive")
+    return h, g, d
+
+
+def _head_lengths(batch: int, heads: int, mean_len: int, spread: float, gen) -> torch.Tensor:
+    """Per-(sequence, head) lengths spread +-``spread`` around ``mean_len``, summing to ``heads * mean_len``."""
+    raw = 1 - spread + 2 * spread * torch.rand(batch, heads, generator=gen)
+    lengths = torch.clamp((raw / raw.sum(-1, keepdim=True) * heads * mean_len).round().long(), min=1)
+    lengths[:, -1] = heads * mean_len - lengths[:, :-1].sum(-1)
+    return lengths.clamp_min(1)
+
+
+def micro_decode_step(lengths_per_head: Sequence[int], layouts: Sequence[str] = ("3x3x64",),
+                      batches: Sequence[int] = (1,), iters: int = 50, spread: float = 0.5, seed: int = 0,
+                      dtype=torch.float32, max_tokens: int = 1 << 20, progress: bool = True) -> list[dict]:
+    """One decode step of attention: our variable-length layer vs dense SDPA with the same total
+    tokens vs a dense cache padded to the longest head with an additive mask (what a library that
+    only masks pays). Median of interleaved runs.
 
     For each mean length ``L`` the heads get lengths spread in ``[(1-spread) L, (1+spread) L]``
-    (rescaled to total ``H * L``), as AdaKV produces; the dense cache holds ``L`` per head.
+    (rescaled to total ``H * L``), as AdaKV produces. Settings with more than ``max_tokens``
+    tokens per layer (``B * H * L``) are skipped (memory).
     """
     gen = torch.Generator().manual_seed(seed)
+    grid = [(lay, b, n) for lay in layouts for b in batches for n in lengths_per_head
+            if b * parse_layout(lay)[0] * n <= max_tokens]
     rows = []
-    for mean_len in tqdm(lengths_per_head, desc="micro", disable=not progress):
-        h, d = num_kv_heads, head_dim
-        raw = 1 - spread + 2 * spread * torch.rand(h, generator=gen)
-        lengths = torch.clamp((raw / raw.sum() * h * mean_len).round().long(), min=1)
-        lengths[-1] = h * mean_len - lengths[:-1].sum()
-        n = int(lengths.max()) + 1
-        keys = torch.randn(1, h, n, d, generator=gen).to(dtype)
-        values = torch.randn(1, h, n, d, generator=gen).to(dtype)
-        idx = torch.zeros(1, h, n, dtype=torch.long)
-        for i in range(h):  # setup only
-            idx[0, i, : lengths[i]] = torch.arange(int(lengths[i]))
-        layer = CompressedLayer(keys, values, KeepPlan(idx[..., : int(lengths.max())], lengths[None]), n)
-        layer.update(torch.randn(1, h, 1, d).to(dtype), torch.randn(1, h, 1, d).to(dtype))
-        q = torch.randn(1, h * group, 1, d, generator=gen).to(dtype)
-        dk = torch.randn(1, h, mean_len + 1, d, generator=gen).to(dtype)
-        dv = torch.randn(1, h, mean_len + 1, d, generator=gen).to(dtype)
-
-        t_var, t_dense = _timed_pair(
+    for layout, b, mean_len in tqdm(grid, desc="micro", disable=not progress):
+        h, g, d = parse_layout(layout)
+        lengths = _head_lengths(b, h, mean_len, spread, gen)
+        n = int(lengths.max())
+        keys = torch.randn(b, h, n, d, generator=gen).to(dtype)
+        values = torch.randn(b, h, n, d, generator=gen).to(dtype)
+        plan = KeepPlan(torch.arange(n).expand(b, h, n).contiguous(), lengths)
+        layer = CompressedLayer(keys, values, plan, n)
+        layer.update(torch.randn(b, h, 1, d).to(dtype), torch.randn(b, h, 1, d).to(dtype))
+        del keys, values
+        q = torch.randn(b, h * g, 1, d, generator=gen).to(dtype)
+        dk = torch.randn(b, h, mean_len + 1, d, generator=gen).to(dtype)
+        dv = torch.randn(b, h, mean_len + 1, d, generator=gen).to(dtype)
+        pk = torch.randn(b, h, n + 1, d, generator=gen).to(dtype)
+        pv = torch.randn(b, h, n + 1, d, generator=gen).to(dtype)
+        cols = torch.arange(n + 1)
+        keep = (cols[None, None, :] < lengths[..., None]) | (cols == n)  # kept prompt tokens + the new one
+        pmask = torch.zeros(b, h, 1, n + 1, dtype=dtype).masked_fill(~keep[:, :, None, :], float("-inf"))
+        pmask = pmask.repeat_interleave(g, dim=1)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        t_var, t_dense, t_pad = timed_interleaved([
             partial(varlen_attention, q, layer, d**-0.5),
-            partial(torch.nn.functional.scaled_dot_product_attention, q, dk, dv, scale=d**-0.5, enable_gqa=True),
-            iters,
-        )
-        rows.append({"tokens_per_head": mean_len, "num_kv_heads": h, "group": group, "head_dim": d,
-                     "varlen_ms": 1000 * t_var, "dense_ms": 1000 * t_dense, "ratio": t_var / t_dense,
-                     "min_len": int(lengths.min()), "max_len": int(lengths.max())})
+            partial(sdpa, q, dk, dv, scale=d**-0.5, enable_gqa=True),
+            partial(sdpa, q, pk, pv, attn_mask=pmask, scale=d**-0.5, enable_gqa=True),
+        ], iters)
+        rows.append({"layout": layout, "model": LAYOUTS.get(layout, ""), "batch": b, "tokens_per_head": mean_len,
+                     "num_kv_heads": h, "group": g, "head_dim": d, "dtype": str(dtype).replace("torch.", ""),
+                     "varlen_ms": 1000 * t_var, "dense_ms": 1000 * t_dense, "padded_ms": 1000 * t_pad,
+                     "ratio": t_var / t_dense, "ratio_padded": t_var / t_pad,
+                     "min_len": int(lengths.min()), "max_len": int(lengths.max()),
+                     "regions": [r.size for r in layer.packing.regions],
+                     "kv_bytes": layer.kv_bytes(), "allocated_bytes": layer.allocated_bytes()})
+        del layer, dk, dv, pk, pv, pmask
     return rows
+
+
+# ---- throughput: a batch of long prompts decoded together ------------------------------------------
+
+def throughput(model, inputs: dict, methods: Sequence[str], budget: int, window: int = defaults.WINDOW,
+               steps: int = 8) -> list[dict]:
+    """Decoded tokens per second for a batch (``inputs`` of batch ``B``), per method, from one shared prefill.
+
+    What a server gains from a smaller cache: every step decodes ``B`` tokens; the rate is
+    ``B * steps / seconds`` over the decode steps after the first (a warm-up).
+    """
+    pre = capture_prefill(model, inputs, window=window)
+    b = inputs["input_ids"].shape[0]
+    rows = []
+    for name in methods:
+        method = make_method(name, budget=budget, window=window)
+        run = _batch_decode(model, pre, method, steps + 1)
+        rows.append({"method": name, "batch": b, "prompt_tokens": pre.prompt_length, "budget": budget,
+                     "steps": steps, "tokens_per_s": b * steps / sum(run[1:]), "step_ms": 1000 * statistics.median(run),
+                     "prefill_s": pre.seconds})
+    return rows
+
+
+@torch.no_grad()
+def _batch_decode(model, pre, method, steps: int) -> list[float]:
+    """Seconds of each greedy decode step of a whole batch from a captured prefill."""
+    from ..core.capture import build_cache
+    from ..core.press import press
+
+    def loop(cache) -> list[float]:
+        token = pre.logits.argmax(-1, keepdim=True)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    if method is None:
+        return loop(build_cache(pre, None, None)[0])
+    with press(model, method) as session:
+        return loop(build_cache(pre, method, session)[0])

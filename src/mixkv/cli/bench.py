@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--dtype", default="float32", choices=sorted(sources.DTYPES))
     p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--micro", action="store_true", help="only the decode-attention microbenchmark (no model)")
     p.add_argument("--micro-lengths", default="1024,4096,16384", help="mean tokens per head")
     p.add_argument("--micro-layouts", default=",".join(LAYOUTS),
@@ -66,7 +67,7 @@ def run(args) -> int:
     threads = setup_threads(args.threads)
     machine = machine_description()
     start = time.perf_counter()
-    model, tokenizer = sources.load(args.model, args.dtype)
+    model, tokenizer = sources.load(args.model, args.dtype, device=args.device)
     rows = []
     for ctx in contexts:
         inputs = {k: v.to(model.device) for k, v in _prompt(tokenizer, ctx).items()}
@@ -135,7 +136,7 @@ def run_throughput(args) -> int:
     sources.check_model_name(args.model)
     threads = setup_threads(args.threads)
     machine = machine_description()
-    model, tokenizer = sources.load(args.model, args.dtype)
+    model, tokenizer = sources.load(args.model, args.dtype, device=args.device)
     rows = []
     for ctx in contexts:
         prompts = [task_suite.make_passkey(seed, ctx, tokenizer) for seed in range(args.batch)]

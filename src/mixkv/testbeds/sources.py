@@ -48,14 +48,19 @@ def check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load(name: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> tuple[Any, Any]:
-    """``(model in eval mode, tokenizer or processor)`` for a name :func:`check_model_name` accepts."""
+def load(name: str, dtype: str = "float32", attn_implementation: str = "sdpa",
+         device: str = "cpu") -> tuple[Any, Any]:
+    """``(model in eval mode on device, tokenizer or processor)`` for a name :func:`check_model_name` accepts."""
     check_model_name(name)
     torch_dtype = check_dtype(dtype)
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
     if is_toy_vlm(name):
         from .toyvlm.model import load_toy_vlm
 
-        return load_toy_vlm(dtype=torch_dtype, attn_implementation=attn_implementation)
-    from .smollm2 import load_model
+        model, processor = load_toy_vlm(dtype=torch_dtype, attn_implementation=attn_implementation)
+    else:
+        from .smollm2 import load_model
 
-    return load_model(name, dtype=torch_dtype, attn_implementation=attn_implementation)
+        model, processor = load_model(name, dtype=torch_dtype, attn_implementation=attn_implementation)
+    return model.to(device), processor

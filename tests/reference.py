@@ -20,10 +20,14 @@ Conventions (the library's choices where DESIGN.md leaves room):
   * unit vectors ``k / max(|k|, 1e-6)``; centroid over all real prompt keys (window included);
   * redundancy: explicit mean over ordered pairs ``i != j`` of cosine similarities, clamped to
     [0, 1]; a single token has redundancy 0;
-  * PyramidKV counts truncated (floor); AdaKV shares ``count (1 - a) + a base`` and SparseMM shares
-    ``ratio base + (1 - ratio) base L H p`` (over the whole model) turned into integers that sum to
-    exactly the budget: largest remainders, ties to the lower index, capped at the candidates with
-    the excess spread over the other heads in proportion to their shares;
+  * PyramidKV counts truncated (floor); AdaKV shares ``count (1 - a) + a base``, SparseMM shares
+    ``ratio base + (1 - ratio) base L H p`` and HeadKV shares ``(base - base / beta) + p (base / beta) L H``
+    (both over the whole model) turned into integers that sum to exactly the budget: largest
+    remainders, ties to the lower index, capped at the candidates with the excess spread over the
+    other heads in proportion to their shares;
+  * HeadKV-R2 retrieval-reasoning mass: per decoding step and query head, the attention weights of the
+    ``k`` strongest keys (``k`` = number of answer tokens, ties to the earlier position) that lie on the
+    answer, divided by ``k``; mean over the query heads of a group, summed over counted steps;
   * a sequence whose real length ``n <= budget`` keeps all its real tokens.
 """
 
@@ -365,6 +369,58 @@ def sparsemm_counts(head_scores: list[list[float]], base: int, n_cand: int, laye
     return counts[layer_idx * num_heads: (layer_idx + 1) * num_heads]
 
 
+def headkv_counts(retrieval_scores: list[list[float]], base: int, n_cand: int, layer_idx: int,
+                  beta: float = 1.5) -> list[int]:
+    """Fu et al.: every head keeps ``base - base / beta``; the pool ``base / beta`` per head, over all
+    layers and heads, is shared in proportion to the normalised importance scores."""
+    num_layers, num_heads = len(retrieval_scores), len(retrieval_scores[0])
+    if n_cand <= base:
+        return [n_cand] * num_heads
+    scores = [Fraction(max(float(x), 0.0)) for row in retrieval_scores for x in row]
+    total = sum(scores)
+    b = Fraction(str(beta))
+    own = base - Fraction(base) / b
+    pool = Fraction(base) / b * num_layers * num_heads
+    shares = [own + pool * (s / total) for s in scores]
+    counts = apportion(shares, base * num_layers * num_heads, n_cand)
+    return counts[layer_idx * num_heads: (layer_idx + 1) * num_heads]
+
+
+# ---------------------------------------------------------------------------------------------
+# HeadKV-R2 retrieval-reasoning scores (calibration), one decoding step at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def retrieval_reasoning_mass(queries, keys, answer, scaling: float, steps=None, valid=None) -> torch.Tensor:
+    """``(B, H)``: see the module docstring. ``queries`` ``(B, Hq, T, D)``, ``keys`` ``(B, H, M, D)``,
+    ``answer`` ``(B, M)`` bool; step ``t`` sits at position ``M - T + t`` and sees keys up to there."""
+    bsz, hq, t_steps, _ = queries.shape
+    _, nh, m, _ = keys.shape
+    g = hq // nh
+    out = torch.zeros(bsz, nh, dtype=torch.float64)
+    for b in range(bsz):
+        ans = [bool(x) for x in answer[b].tolist()]
+        real = [True] * m if valid is None else [bool(x) for x in valid[b].tolist()]
+        k = sum(ans)
+        for h in range(nh):
+            key_rows = keys[b, h].double().tolist()
+            total = 0.0
+            for t in range(t_steps):
+                if steps is not None and not bool(steps[b, t]):
+                    continue
+                pos = m - t_steps + t
+                seen = [j for j in range(pos + 1) if real[j]]
+                per_head = []
+                for gg in range(g):
+                    q = queries[b, h * g + gg, t].double().tolist()
+                    probs = softmax([dot(q, key_rows[j]) * scaling for j in seen])
+                    ranked = sorted(zip(probs, seen), key=lambda pj: (-pj[0], pj[1]))
+                    per_head.append(math.fsum(p for p, j in ranked[:k] if ans[j]) / max(k, 1))
+                total += mean(per_head)
+            out[b, h] = total
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods: which positions a layer keeps
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +430,7 @@ def sparsemm_counts(head_scores: list[list[float]], base: int, n_cand: int, laye
 class RefMethod:
     """A method in plain terms.
 
-    ``kind``: "snapkv" | "pyramidkv" | "adakv" | "sparsemm". ``mix``: None (base selection by
+    ``kind``: "snapkv" | "pyramidkv" | "adakv" | "sparsemm" | "headkv". ``mix``: None (base selection by
     ``s_ext``), "online" (MixKV, redundancy from the keys) or an ``L x H`` list (offline profile).
     """
 
@@ -387,6 +443,8 @@ class RefMethod:
     normalize: bool = True
     head_scores: list[list[float]] | None = None
     ratio: float = 0.1
+    retrieval_scores: list[list[float]] | None = None
+    head_beta: float = 1.5
     mix: str | list[list[float]] | None = None
 
 
@@ -425,6 +483,8 @@ def keep_plan(method: RefMethod, layer_idx: int, num_layers: int, queries, keys,
             counts = adakv_counts([hs.s_ext for hs in heads], base, n_cand, method.alpha, method.normalize)
         elif method.kind == "sparsemm":
             counts = sparsemm_counts(method.head_scores, base, n_cand, layer_idx, method.ratio)
+        elif method.kind == "headkv":
+            counts = headkv_counts(method.retrieval_scores, base, n_cand, layer_idx, method.head_beta)
         else:
             raise ValueError(method.kind)
         row = []

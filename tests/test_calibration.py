@@ -156,7 +156,7 @@ def test_interrupt_leaves_no_profile_and_resume_completes(llama, tmp_path, monke
     profile = calibrate(llama, samples, out, resume=True, **kw)
     assert calls["n"] == -98  # only the two missing prompts were measured
     assert out.exists() and not partial.exists()
-    for name in ("key_redundancy", "value_redundancy", "head_scores"):
+    for name in ("key_redundancy", "value_redundancy", "head_scores", "retrieval_scores"):
         torch.testing.assert_close(getattr(profile, name), getattr(reference, name))
     assert load_profile(out).data == reference.data
 

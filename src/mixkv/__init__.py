@@ -21,6 +21,7 @@ from .core.layer import LayerPrefill  # noqa: E402
 from .core.methods import (  # noqa: E402
     AdaKV,
     BudgetedMethod,
+    HeadKV,
     Method,
     MixKV,
     PyramidKV,
@@ -35,7 +36,7 @@ from .core.registry import available_methods, make_method, register_base, regist
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdaKV", "BudgetedMethod", "LayerPrefill", "Method", "MixKV", "Prefill", "PressSession", "Profile",
+    "AdaKV", "BudgetedMethod", "HeadKV", "LayerPrefill", "Method", "MixKV", "Prefill", "PressSession", "Profile",
     "PyramidKV", "RandomKV", "ScoreWrapper", "SnapKV", "SparseMM", "available_methods", "build_cache",
     "cache_kv_bytes", "capture_prefill", "load_profile", "make_method", "press", "register_base",
     "register_wrapper", "save_profile",

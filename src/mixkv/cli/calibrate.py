@@ -1,5 +1,6 @@
-"""``mixkv calibrate``: measure a model's per-(layer, KV head) redundancy and visual-head scores
-into a calibration profile (format: :mod:`mixkv.core.profiles`; method: :mod:`mixkv.lab.calibration`)."""
+"""``mixkv calibrate``: measure a model's per-(layer, KV head) redundancy, SparseMM visual-head scores
+and HeadKV retrieval-reasoning scores into a calibration profile (format: :mod:`mixkv.core.profiles`;
+method: :mod:`mixkv.lab.calibration`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .common import check_outputs, machine_description, nonneg_int, positive_int
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("calibrate", help="write a calibration profile (offline redundancy, SparseMM head scores)")
+    p = sub.add_parser("calibrate", help="write a calibration profile (offline redundancy, SparseMM head scores, "
+                                           "HeadKV retrieval scores)")
     p.add_argument("--model", default=sources.SMOLLM2, help="smollm2-135m, toy-vlm, a local directory or a hub id")
     p.add_argument("--data", default="generated",
                    help="'generated' (the library's prompts for this model) or a JSONL file of "
@@ -22,9 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="profile JSON path (written only when complete)")
     p.add_argument("--seed", type=nonneg_int, default=DEFAULT_SEED, help="seed of generated prompts (eval uses 0)")
     p.add_argument("--length", type=positive_int, default=1024, help="tokens per generated text prompt")
-    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="greedy tokens decoded for head scores")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16,
+                   help="greedy tokens decoded for head and retrieval scores")
     p.add_argument("--hits-on", default="answer", choices=["answer", "all"],
-                   help="decoded steps that count for head scores: tokens of the answer, or all")
+                   help="decoded steps that count for head and retrieval scores: tokens of the answer, or all")
     p.add_argument("--resume", action="store_true", help="continue from <out>.partial.json")
     p.add_argument("--save-every", type=positive_int, default=4, help="write <out>.partial.json every k prompts")
     p.add_argument("--dtype", default="float32", choices=sorted(sources.DTYPES))
@@ -36,6 +39,13 @@ def load_samples(model_name: str, processor, data: str, n: int, seed: int, lengt
     if data == "generated":
         return generated_samples(model_name, processor, n, seed=seed, length=length)
     return read_jsonl(data, processor, n)
+
+
+def _top_heads(scores, fmt: str, k: int = 5) -> str:
+    """The ``k`` highest-scoring heads as ``(layer, head, score)``, ties in (layer, head) order."""
+    rows, cols = scores.shape
+    top = sorted((-float(scores[i, j]), i, j) for i in range(rows) for j in range(cols))[:k]
+    return ", ".join(f"({i}, {j}, {fmt.format(-v)})" for v, i, j in top)
 
 
 def run(args) -> int:
@@ -71,12 +81,13 @@ def run(args) -> int:
     print(f"key redundancy {float(kr.min()):.3f}..{float(kr.max()):.3f} (mean {float(kr.mean()):.3f}); value "
           f"redundancy {float(profile.value_redundancy.min()):.3f}..{float(profile.value_redundancy.max()):.3f}")
     if profile.head_scores is not None:
-        hs = profile.head_scores
-        top = sorted(((float(hs[i, j]), i, j) for i in range(hs.shape[0]) for j in range(hs.shape[1])), reverse=True)
-        print(f"head scores from {profile.data['counted_steps']} decoded answer tokens; top heads (layer, head, "
-              "hit rate): " + ", ".join(f"({i}, {j}, {v:.2f})" for v, i, j in top[:5]))
+        print(f"head scores from {profile.data['counted_steps']} decoded answer tokens; top SparseMM heads (layer, "
+              "head, hit rate): " + _top_heads(profile.head_scores, "{:.2f}"))
     else:
         print("no head scores: no prompt had an answer region with a matching decoded token")
+    if profile.retrieval_scores is not None:
+        print("top HeadKV heads (layer, head, retrieval-reasoning score): "
+              + _top_heads(profile.retrieval_scores, "{:.3g}"))
     print(f"model load {loaded:.1f} s, calibration {measured:.1f} s ({measured / len(samples):.1f} s/prompt), "
           f"{machine_description()}, {threads} threads")
     print(f"wrote {args.out}")

@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--window", type=positive_int, default=defaults.WINDOW)
     p.add_argument("--max-new-tokens", type=positive_int, default=20,
                    help="the LLM answers with a sentence before the value: 10 tokens can cut it off")
-    p.add_argument("--profile", default=None, help="calibration profile (SparseMM head scores, offline redundancy)")
+    p.add_argument("--profile", default=None,
+                   help="calibration profile (SparseMM head scores, HeadKV retrieval scores, offline redundancy)")
     p.add_argument("--redundancy", default="online", choices=["online", "profile"])
     p.add_argument("--dtype", default="float32", choices=sorted(sources.DTYPES))
     p.add_argument("--threads", type=positive_int, default=None)

@@ -5,7 +5,7 @@ number of real (non-padding) candidates of each sequence; ``cand_budget`` ``(B,)
 ``budget - W``, the candidates a head keeps on average. A sequence whose prompt fits its budget
 keeps every candidate (no compression). Every function is vectorised over batch and heads.
 
-Head-adaptive allocations (AdaKV, SparseMM) keep *exactly* the total they were asked for: their
+Head-adaptive allocations (AdaKV, SparseMM, HeadKV) keep *exactly* the total they were asked for: their
 fractional shares are turned into integers by largest-remainder apportionment (floor every
 share, then one more token to the largest remainders, ties to the lower head index), and a head
 capped at its candidates hands its excess to the others. Rounding each head on its own, as the
@@ -14,6 +14,7 @@ papers' code does, can keep up to ``H / 2`` tokens more or fewer than the budget
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import torch
@@ -51,9 +52,11 @@ def apportion(share: torch.Tensor, total: torch.Tensor, cap: torch.Tensor) -> to
 def _largest_remainder(x: torch.Tensor, total: torch.Tensor, capf: torch.Tensor,
                        remainder: torch.Tensor | None = None) -> torch.Tensor:
     floor = torch.floor(x + 1e-9)
-    rem = (x - floor) if remainder is None else remainder
+    # Remainders on a 1e-9 grid: shares that tie exactly (say 0.5 and 6.5) but carry rounding errors of
+    # opposite sign still tie, and go to the lower index as exact arithmetic says.
+    rem = torch.round((x - floor) * 1e9) if remainder is None else remainder
     need = (total.double() - floor.sum(-1)).round().long().clamp_min(0)
-    rem = torch.where(floor < capf, rem.double(), torch.full_like(floor, -1.0))
+    rem = torch.where(floor < capf, rem.double(), torch.full_like(floor, float("-inf")))
     order = rem.sort(dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
     extra = (rank < need[:, None]) & (floor < capf)
@@ -134,6 +137,29 @@ def adakv_counts(
     return torch.where((n_cand <= cand_budget)[:, None], n_cand[:, None].expand(b, h), mixed)
 
 
+def _global_pool_counts(
+    scores: torch.Tensor, cand_budget: torch.Tensor, n_cand: torch.Tensor, layer_idx: int, uniform: float,
+    what: str,
+) -> torch.Tensor:
+    """``uniform * base`` for every head plus a model-wide pool shared by ``scores`` ``(L, H)``.
+
+    Head ``(l, h)`` gets ``uniform * base + (1 - uniform) * base * L * H * p[l, h]`` with ``p`` the
+    scores normalised to sum 1 over the whole model; the model's ``base * L * H`` is apportioned
+    exactly (heads capped at their candidates pass the excess on); layer ``layer_idx``'s row, ``(B, H)``.
+    """
+    num_layers, h = scores.shape
+    p = scores.double().clamp_min(0).to(cand_budget.device)
+    if not float(p.sum()) > 0:
+        raise ValueError(f"{what} are all zero; the profile says nothing about which heads to favour")
+    p = (p / p.sum()).reshape(1, num_layers * h)
+    base = cand_budget.double()[:, None]
+    share = uniform * base + (1 - uniform) * base * num_layers * h * p
+    cap = torch.maximum(n_cand, cand_budget)  # sequences that fit are overridden below
+    counts = apportion(share, cand_budget * num_layers * h, cap).view(-1, num_layers, h)[:, layer_idx]
+    counts = torch.minimum(counts, n_cand[:, None])
+    return torch.where((n_cand <= cand_budget)[:, None], n_cand[:, None].expand_as(counts), counts)
+
+
 def sparsemm_counts(
     head_scores: torch.Tensor, cand_budget: torch.Tensor, n_cand: torch.Tensor, layer_idx: int,
     ratio: float = defaults.SPARSEMM_RATIO,
@@ -145,14 +171,22 @@ def sparsemm_counts(
     the whole model's ``base * L * H`` is apportioned exactly (heads capped at their candidates
     pass the excess on), and layer ``layer_idx``'s row is returned, ``(B, H)``.
     """
-    num_layers, h = head_scores.shape
-    p = head_scores.double().clamp_min(0).to(cand_budget.device)
-    if not float(p.sum()) > 0:
-        raise ValueError("SparseMM: head_scores are all zero; the profile says nothing about which heads to favour")
-    p = (p / p.sum()).reshape(1, num_layers * h)
-    base = cand_budget.double()[:, None]
-    share = ratio * base + (1 - ratio) * base * num_layers * h * p
-    cap = torch.maximum(n_cand, cand_budget)  # sequences that fit are overridden below
-    counts = apportion(share, cand_budget * num_layers * h, cap).view(-1, num_layers, h)[:, layer_idx]
-    counts = torch.minimum(counts, n_cand[:, None])
-    return torch.where((n_cand <= cand_budget)[:, None], n_cand[:, None].expand_as(counts), counts)
+    return _global_pool_counts(head_scores, cand_budget, n_cand, layer_idx, ratio, "SparseMM: head_scores")
+
+
+def headkv_counts(
+    retrieval_scores: torch.Tensor, cand_budget: torch.Tensor, n_cand: torch.Tensor, layer_idx: int,
+    beta: float = defaults.HEADKV_BETA,
+) -> torch.Tensor:
+    """HeadKV: every head gives ``base / beta`` to a pool shared by the whole model by importance.
+
+    ``retrieval_scores`` ``(L, H)``: non-negative, not all zero, normalised here to sum 1 over the
+    whole model (``p``). Head ``(l, h)`` keeps ``base - base / beta`` of its own and gets
+    ``p[l, h]`` of the pool ``base / beta * L * H``. The model's ``base * L * H`` is apportioned
+    exactly (heads capped at their candidates pass the excess on); layer ``layer_idx``'s row,
+    ``(B, H)``. A prompt that fits its budget keeps every candidate.
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 1:
+        raise ValueError(f"HeadKV: beta must be a number >= 1 (each head pools base / beta), got {beta!r}")
+    return _global_pool_counts(retrieval_scores, cand_budget, n_cand, layer_idx, 1.0 - 1.0 / float(beta),
+                               "HeadKV: retrieval_scores")

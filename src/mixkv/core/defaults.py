@@ -27,5 +27,12 @@ ADAKV_FLOOR = 0.2
 SPARSEMM_RATIO = 0.1
 """SparseMM: share of each head's budget kept uniform before the visual-head share."""
 
+HEADKV_BETA = 1.5
+"""HeadKV: each head gives ``(B - W) / beta`` of its budget to the model-wide pool shared by importance.
+
+Fu et al. (ICLR 2025) tune ``beta`` per setting over {1.005, 1.01, 1.1, 1.2, 1.5, 2, 5, 10}; 1.5 is
+the default of the authors' run scripts (``--beta``), so a third of each head's budget stays uniform.
+"""
+
 REDUNDANCY = "online"
 """MixKV's head redundancy: from the current prompt (``"online"``) unless a profile is given."""

@@ -1,6 +1,7 @@
 """Calibration profiles: per-(layer, KV head) numbers measured offline for one model.
 
-One JSON format serves MixKV's offline redundancy and SparseMM's visual-head scores::
+One JSON format serves MixKV's offline redundancy, SparseMM's visual-head scores and HeadKV's
+retrieval-reasoning scores::
 
     {
       "format": "mixkv-profile", "version": 1,
@@ -8,8 +9,12 @@ One JSON format serves MixKV's offline redundancy and SparseMM's visual-head sco
       "key_redundancy":   [[r_00, ..., r_0H-1], ...]   (L x H, in [0, 1]) or null,
       "value_redundancy": [[...], ...] or null,
       "head_scores":      [[...], ...] or null        (L x H, >= 0; SparseMM),
+      "retrieval_scores": [[...], ...] or null        (L x H, >= 0; HeadKV),
       "data": {...}, "library_version": "x.y.z"
     }
+
+Every field is optional: a file without a field's key reads it as null, so version-1 files written
+before ``retrieval_scores`` existed still load (they just cannot drive HeadKV).
 
 A profile is only valid for the layer/head shape it was measured on: loading it for another
 shape raises (the authors' code applies one model's redundancy file to every model).
@@ -27,7 +32,8 @@ from .io import write_json_atomic
 
 FORMAT = "mixkv-profile"
 VERSION = 1
-FIELDS = ("key_redundancy", "value_redundancy", "head_scores")
+FIELDS = ("key_redundancy", "value_redundancy", "head_scores", "retrieval_scores")
+SCORE_FIELDS = ("head_scores", "retrieval_scores")  # non-negative head scores; the others are redundancies in [0, 1]
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Profile:
     key_redundancy: torch.Tensor | None = None
     value_redundancy: torch.Tensor | None = None
     head_scores: torch.Tensor | None = None
+    retrieval_scores: torch.Tensor | None = None
     data: dict = field(default_factory=dict)
     library_version: str = ""
 
@@ -60,9 +67,9 @@ class Profile:
                 )
             if not torch.isfinite(t).all():
                 raise ValueError(f"profile field {name!r} holds non-finite values")
-            if name == "head_scores" and (t < 0).any():
-                raise ValueError("profile field 'head_scores' must be non-negative")
-            if name != "head_scores" and ((t < 0) | (t > 1)).any():
+            if name in SCORE_FIELDS and (t < 0).any():
+                raise ValueError(f"profile field {name!r} must be non-negative")
+            if name not in SCORE_FIELDS and ((t < 0) | (t > 1)).any():
                 raise ValueError(
                     f"profile field {name!r} must hold redundancies in [0, 1]; got values in "
                     f"[{float(t.min()):.3g}, {float(t.max()):.3g}]"
@@ -123,7 +130,7 @@ def _profile(obj: dict) -> Profile:
     return Profile(
         model=str(obj["model"]), num_layers=obj["num_layers"], num_kv_heads=obj["num_kv_heads"],
         key_redundancy=obj.get("key_redundancy"), value_redundancy=obj.get("value_redundancy"),
-        head_scores=obj.get("head_scores"), data=obj.get("data") or {},
+        head_scores=obj.get("head_scores"), retrieval_scores=obj.get("retrieval_scores"), data=obj.get("data") or {},
         library_version=str(obj.get("library_version", "")),
     )
 

@@ -1,6 +1,6 @@
 """Method names for the command line and configs: ``"snapkv+mixkv"`` -> ``MixKV(SnapKV(...))``.
 
-A name is a base (``snapkv``, ``pyramidkv``, ``adakv``, ``sparsemm``, ``random``) optionally
+A name is a base (``snapkv``, ``pyramidkv``, ``adakv``, ``sparsemm``, ``headkv``, ``random``) optionally
 followed by ``+<wrapper>`` (``mixkv``); ``full`` means no compression. Third-party methods join
 with :func:`register_base` / :func:`register_wrapper`.
 """
@@ -10,7 +10,18 @@ from __future__ import annotations
 from dataclasses import fields
 
 from . import defaults
-from .methods import AdaKV, BudgetedMethod, Method, MixKV, PyramidKV, RandomKV, ScoreWrapper, SnapKV, SparseMM
+from .methods import (
+    AdaKV,
+    BudgetedMethod,
+    HeadKV,
+    Method,
+    MixKV,
+    PyramidKV,
+    RandomKV,
+    ScoreWrapper,
+    SnapKV,
+    SparseMM,
+)
 
 BASES: dict[str, type[BudgetedMethod]] = {}
 WRAPPERS: dict[str, type[ScoreWrapper]] = {}
@@ -37,6 +48,8 @@ register_base("snapkv", SnapKV, "SnapKV: pooled attention of the last window; sa
 register_base("pyramidkv", PyramidKV, "PyramidKV: SnapKV scores, budgets decreasing linearly with depth")
 register_base("adakv", AdaKV, "AdaKV: SnapKV scores, the layer's budget shared among heads by attention concentration")
 register_base("sparsemm", SparseMM, "SparseMM: per-head budgets from a visual-head profile (needs profile=...)")
+register_base("headkv", HeadKV, "HeadKV: per-head budgets from a retrieval-reasoning profile, one pool for the "
+              "whole model (needs profile=...)")
 register_base("random", RandomKV, "random eviction with a uniform budget (the floor)")
 register_wrapper("mixkv", MixKV, "MixKV on {base}: {base}'s budgets, importance+diversity mixed by head redundancy")
 
@@ -59,8 +72,9 @@ def make_method(name: str, budget: int | None = defaults.BUDGET, ratio: float | 
                 window: int = defaults.WINDOW, redundancy=defaults.REDUNDANCY, profile=None, **kwargs) -> Method | None:
     """Build a method from its registry name; ``"full"`` gives None (no compression).
 
-    ``profile`` is a calibration profile (path or Profile): SparseMM's head scores, and MixKV's
-    offline redundancy when ``redundancy="profile"``. Extra keyword arguments go to the base.
+    ``profile`` is a calibration profile (path or Profile): SparseMM's head scores, HeadKV's
+    retrieval scores, and MixKV's offline redundancy when ``redundancy="profile"``. Extra keyword
+    arguments go to the base.
     """
     if not isinstance(name, str):
         raise ValueError(f"method name must be a string, got {name!r}")
@@ -73,6 +87,8 @@ def make_method(name: str, budget: int | None = defaults.BUDGET, ratio: float | 
     cls = BASES[base_name]
     if cls is SparseMM:
         kwargs.setdefault("head_scores", profile)
+    elif cls is HeadKV:
+        kwargs.setdefault("retrieval_scores", profile)
     try:
         base = cls(budget=budget, ratio=ratio, window=window, **kwargs)
     except TypeError as e:  # an unknown keyword for this method

@@ -16,6 +16,18 @@ What a profile holds (see :mod:`mixkv.core.profiles` for the JSON format):
     group and divided by the number of counted steps: the score is a hit rate in [0, 1] per
     (layer, KV head). ``SparseMM`` normalises the scores to sum 1 itself.
 
+``retrieval_scores`` (only when prompts carry an answer region)
+    HeadKV-R2 retrieval-reasoning scores (Fu et al., ICLR 2025), from the same decoded steps. For
+    every counted step and query head, the step's attention over everything it sees (the prompt and
+    the generated tokens before it) is ranked; of its ``k`` strongest keys, ``k`` = the number of
+    answer tokens in the prompt, those inside the answer region add their attention weight, and the
+    sum is divided by ``k``. Averaged over the query heads of each KV head, summed over counted steps
+    and divided by their number: a score in [0, 1] per (layer, KV head). ``HeadKV`` normalises the
+    scores to sum 1 itself. Unlike the visual-head score this credits a head for *how much* attention
+    it puts on the answer, not only where its maximum lies; the "reasoning" part of HeadKV-R2 comes
+    from the data: needles whose answer must be picked among look-alike distractors (the text suite's
+    ``kv_retrieval``), so heads that attend to the right one score, not those that attend to any.
+
     The decode-step queries are the model's own (after its RoPE / M-RoPE): a second exact prefill
     of ``prompt + generated tokens`` captures its last queries (:func:`mixkv.core.capture.capture_prefill`),
     and causal attention makes them equal to the queries of the decoding steps. It runs only when
@@ -129,6 +141,42 @@ def region_argmax_hits(queries: torch.Tensor, keys: torch.Tensor, region: torch.
     return hit.mean(dim=2).sum(dim=-1)
 
 
+def retrieval_reasoning_hits(queries: torch.Tensor, keys: torch.Tensor, answer: torch.Tensor, scaling: float,
+                             steps: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """HeadKV-R2 retrieval-reasoning mass per KV head: attention on the answer among each head's top ``k``.
+
+    ``queries`` ``(B, Hq, T, D)``: the queries of ``T`` decoding steps; step ``t`` sits at position
+    ``M - T + t`` and sees keys ``0 .. M - T + t`` (causal). ``keys`` ``(B, H, M, D)``: the prompt
+    followed by the generated tokens fed back. ``answer`` ``(B, M)`` bool: the answer tokens of the
+    prompt (``k = answer.sum()`` per sequence). ``steps`` ``(B, T)`` bool: which steps count (all
+    when None); ``valid`` ``(B, M)``: False on padding (never attended). ``scaling``: the softmax scale.
+
+    Per step and query head: ``a = softmax(scaling * q . k)`` over the visible keys; the ``k``
+    largest weights (a stable sort: ties go to the earlier position) that lie in the answer add up,
+    divided by ``k``. Returns ``(B, H)``: averaged over the ``G`` query heads of each group and summed
+    over the counted steps; each step adds at most 1.
+    """
+    b, hq, t, d = queries.shape
+    h, m = keys.shape[1], keys.shape[2]
+    g = hq // h
+    logits = torch.matmul(queries.float().reshape(b, h, g * t, d), keys.float().transpose(-1, -2)) * scaling
+    pos = torch.arange(m, device=keys.device)
+    qpos = m - t + torch.arange(t, device=keys.device)
+    visible = (pos[None, :] <= qpos[:, None]).repeat(g, 1)[None, None]  # (1, 1, G*T, M), row = g * T + t
+    if valid is not None:
+        visible = visible & valid[:, None, None, :].bool()
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    weight, order = probs.sort(dim=-1, descending=True, stable=True)
+    k = answer.sum(dim=-1)  # (B,)
+    in_top = torch.arange(m, device=keys.device)[None, :] < k[:, None]  # (B, M) over ranks
+    on_answer = answer.gather(1, order.reshape(b, -1)).reshape(order.shape)
+    mass = (weight * (in_top[:, None, None, :] & on_answer)).sum(dim=-1) / k.clamp_min(1)[:, None, None]
+    mass = mass.reshape(b, h, g, t)
+    if steps is not None:
+        mass = mass * steps[:, None, None, :].float()
+    return mass.mean(dim=2).sum(dim=-1)
+
+
 def counted_steps(pieces: Sequence[str], answer_text: str | None) -> list[bool]:
     """Which decoded tokens count: their text (stripped, any case) occurs in ``answer_text``."""
     if answer_text is None:
@@ -146,6 +194,7 @@ class Accumulator:
     key_sum: torch.Tensor | None = None  # (L, H) float64
     value_sum: torch.Tensor | None = None
     hits_sum: torch.Tensor | None = None
+    retrieval_sum: torch.Tensor | None = None  # HeadKV-R2 mass, summed over counted steps
     prompts: int = 0
     steps: int = 0  # counted decoding steps (SparseMM)
     answered: int = 0  # prompts with an answer region
@@ -153,7 +202,7 @@ class Accumulator:
 
     def __post_init__(self) -> None:
         shape = (self.num_layers, self.num_kv_heads)
-        for name in ("key_sum", "value_sum", "hits_sum"):
+        for name in ("key_sum", "value_sum", "hits_sum", "retrieval_sum"):
             value = getattr(self, name)
             value = torch.zeros(shape, dtype=torch.float64) if value is None else torch.as_tensor(value,
                                                                                                  dtype=torch.float64)
@@ -168,6 +217,8 @@ class Accumulator:
         if m.hits is not None:
             self.answered += 1
             self.hits_sum += m.hits.double()
+            if m.retrieval is not None:
+                self.retrieval_sum += m.retrieval.double()
             self.steps += m.steps
         self.done.append(fingerprint)
 
@@ -176,34 +227,42 @@ class Accumulator:
             raise ValueError("no calibration prompt was measured")
         data = dict(data, prompts=self.prompts, prompts_with_answer=self.answered, counted_steps=self.steps)
         head_scores = (self.hits_sum / self.steps).float() if self.steps > 0 else None
+        retrieval = (self.retrieval_sum / self.steps).float() if self.steps > 0 else None
         return Profile(model=model, num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                        key_redundancy=(self.key_sum / self.prompts).float(),
                        value_redundancy=(self.value_sum / self.prompts).float(),
-                       head_scores=head_scores, data=data, library_version=library_version)
+                       head_scores=head_scores, retrieval_scores=retrieval, data=data,
+                       library_version=library_version)
 
     def to_json(self) -> dict:
         return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                 "key_sum": self.key_sum.tolist(), "value_sum": self.value_sum.tolist(),
-                "hits_sum": self.hits_sum.tolist(), "prompts": self.prompts, "steps": self.steps,
+                "hits_sum": self.hits_sum.tolist(), "retrieval_sum": self.retrieval_sum.tolist(),
+                "prompts": self.prompts, "steps": self.steps,
                 "answered": self.answered, "done": self.done}
 
     @classmethod
     def from_json(cls, obj: dict) -> Accumulator:
         """Read a saved state, refusing one whose counts and sums cannot come from a real run."""
-        state = cls(int(obj["num_layers"]), int(obj["num_kv_heads"]), obj["key_sum"], obj["value_sum"],
-                    obj["hits_sum"], int(obj["prompts"]), int(obj["steps"]), int(obj["answered"]),
-                    [str(d) for d in obj["done"]])
+        if "retrieval_sum" not in obj and int(obj["steps"]) != 0:
+            raise ValueError("it was written by an older mixkv without HeadKV retrieval sums, so its counted steps "
+                             "would be missing from retrieval_scores")
+        state = cls(int(obj["num_layers"]), int(obj["num_kv_heads"]), key_sum=obj["key_sum"],
+                    value_sum=obj["value_sum"], hits_sum=obj["hits_sum"], retrieval_sum=obj.get("retrieval_sum"),
+                    prompts=int(obj["prompts"]), steps=int(obj["steps"]), answered=int(obj["answered"]),
+                    done=[str(d) for d in obj["done"]])
         state.check()
         return state
 
     def check(self) -> None:
-        """Each prompt adds a redundancy in [0, 1] per head and each counted step a hit rate in [0, 1]."""
+        """Each prompt adds a redundancy in [0, 1] per head, each counted step a hit rate and a mass in [0, 1]."""
         if self.prompts < 0 or self.prompts != len(self.done):
             raise ValueError(f"{self.prompts} prompts but {len(self.done)} fingerprints")
         if not 0 <= self.answered <= self.prompts or self.steps < 0:
             raise ValueError(f"inconsistent counts (prompts {self.prompts}, answered {self.answered}, "
                              f"steps {self.steps})")
-        for name, limit in (("key_sum", self.prompts), ("value_sum", self.prompts), ("hits_sum", self.steps)):
+        for name, limit in (("key_sum", self.prompts), ("value_sum", self.prompts), ("hits_sum", self.steps),
+                            ("retrieval_sum", self.steps)):
             t = getattr(self, name)
             if not bool(torch.isfinite(t).all()) or bool((t < -1e-6).any()) or bool((t > limit + 1e-6).any()):
                 raise ValueError(f"{name} holds values outside [0, {limit}]")
@@ -220,6 +279,7 @@ class Measurement:
     hits: torch.Tensor | None = None  # (L, H) summed over counted steps; None without an answer region
     steps: int = 0
     tokens: list[int] = field(default_factory=list)
+    retrieval: torch.Tensor | None = None  # (L, H) HeadKV-R2 mass summed over counted steps (with ``hits``)
 
 
 def extend_inputs(inputs: dict, tokens: Sequence[int]) -> dict:
@@ -240,7 +300,8 @@ def extend_inputs(inputs: dict, tokens: Sequence[int]) -> dict:
 @torch.no_grad()
 def measure(model, sample: CalibrationSample, decode: Callable[[list[int]], str] | None = None,
             max_new_tokens: int = 16, eos_token_ids: set[int] | None = None, hits_on: str = "answer") -> Measurement:
-    """Redundancies of one prompt and, with an answer region, its SparseMM hits (see module docstring).
+    """Redundancies of one prompt and, with an answer region, its SparseMM hits and HeadKV-R2 retrieval mass
+    (see the module docstring).
 
     ``decode`` turns token ids into text (needed to match decoded tokens to ``answer_text`` when
     ``hits_on="answer"``); ``hits_on="all"`` counts every decoded step.
@@ -282,17 +343,23 @@ def measure(model, sample: CalibrationSample, decode: Callable[[list[int]], str]
             raise ValueError("hits_on='answer' needs decode= to read the generated tokens")
         counts = counted_steps([decode([t]) for t in tokens], sample.answer_text)
     hits = torch.zeros_like(key_r)
+    retrieval = torch.zeros_like(key_r)
     if not any(counts):
-        return Measurement(key_r, value_r, hits, 0, tokens)
+        return Measurement(key_r, value_r, hits, 0, tokens, retrieval)
     last = max(i for i, c in enumerate(counts) if c)
     if last > 0:  # queries of steps 1..last: exact prefill of prompt + generated tokens
         del pre
         pre = capture_prefill(model, extend_inputs(inputs, tokens[:last]), window=last + 1)
     steps = torch.tensor([counts[: last + 1]], device=device)
+    total = n + last  # prompt + generated tokens fed back
+    answer_all = torch.cat([answer, answer.new_zeros(last)])
     for layer, cap in enumerate(pre.layers):
         q = cap.queries[:, :, -(last + 1):]
         hits[layer] = region_argmax_hits(q, cap.keys[:, :, :n], region[None], answer[None], steps)[0].cpu()
-    return Measurement(key_r, value_r, hits, int(sum(counts)), tokens)
+        stored = cap.keys.shape[2]  # a sliding-window layer stores only the last tokens
+        retrieval[layer] = retrieval_reasoning_hits(q, cap.keys, answer_all[total - stored:][None], cap.scaling,
+                                                    steps, cap.valid)[0].cpu()
+    return Measurement(key_r, value_r, hits, int(sum(counts)), tokens, retrieval)
 
 
 # ---------------------------------------------------------------------------------------------------

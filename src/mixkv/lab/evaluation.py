@@ -59,11 +59,12 @@ class EvalConfig:
                 or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
         names = [m.strip().lower() for m in self.methods]
-        uses_profile = any(m.startswith("sparsemm") for m in names) or (
+        uses_profile = any(m.startswith(("sparsemm", "headkv")) for m in names) or (
             self.redundancy == "profile" and any(m.endswith("+mixkv") for m in names))
         if self.profile is not None and not uses_profile:
-            raise ValueError("a profile was given but no method would use it (sparsemm, or a +mixkv method with "
-                             "redundancy 'profile'); drop the profile, add such a method or pass --redundancy profile")
+            raise ValueError("a profile was given but no method would use it (sparsemm, headkv, or a +mixkv method "
+                             "with redundancy 'profile'); drop the profile, add such a method or pass --redundancy "
+                             "profile")
         for name, budget in self.grid():
             self.make(name, budget)  # raises a clear error for bad names / budgets / missing profiles
 

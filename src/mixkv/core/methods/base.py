@@ -12,7 +12,7 @@ or the cache: :func:`mixkv.core.selection.plan_keep` turns their answers into ke
 Two kinds of method exist, both subclasses of :class:`Method`:
 
 * a **base** (:class:`BudgetedMethod`): owns the budget, window and pooling and decides the
-  allocation (SnapKV, PyramidKV, AdaKV, SparseMM, random);
+  allocation (SnapKV, PyramidKV, AdaKV, SparseMM, HeadKV, random);
 * a **wrapper** (:class:`ScoreWrapper`): wraps a base and changes only the score inside each head
   (MixKV). Everything else is the base's, delegated once here, so a wrapper is a few lines.
 
@@ -152,7 +152,8 @@ class ScoreWrapper(Method):
     def __post_init__(self) -> None:
         cls = type(self).__name__
         if isinstance(self.base, ScoreWrapper):
-            raise ValueError(f"{cls} wraps a base method (SnapKV, PyramidKV, AdaKV, SparseMM), not another wrapper")
+            raise ValueError(f"{cls} wraps a base method (SnapKV, PyramidKV, AdaKV, SparseMM, HeadKV), "
+                             "not another wrapper")
         if not isinstance(self.base, BudgetedMethod):
             raise ValueError(
                 f"{cls}: base must be a method such as SnapKV(budget=64) or AdaKV(budget=64), got {self.base!r}"

@@ -29,7 +29,7 @@ class MixKV(ScoreWrapper):
 
     Parameters:
 
-    * ``base``: the base method (SnapKV, PyramidKV, AdaKV, SparseMM);
+    * ``base``: the base method (SnapKV, PyramidKV, AdaKV, SparseMM, HeadKV);
     * ``redundancy``: ``"online"`` (default: from the current prompt's keys, O(N)) or an offline
       :class:`~mixkv.core.profiles.Profile` / JSON path with ``key_redundancy`` per (layer, KV head);
     * ``use_vnorm`` / ``use_diversity``: switch the two added terms off (for ablations).

@@ -23,7 +23,6 @@ from ..core.capture import capture_prefill
 from ..core.registry import make_method
 from ..core.selection import KeepPlan
 from .machine import peak_rss_mib, reset_peak_rss
-from .run import run_method
 
 
 @dataclass
@@ -66,11 +65,15 @@ def _allocated(cache) -> int:
 
 
 def bench_context(model, inputs: dict, methods: Sequence[str], budget: int, window: int = defaults.WINDOW,
-                  steps: int = 16, repeats: int = 3) -> list[BenchRow]:
-    """All methods on one prompt; the first decode run of each method is a discarded warm-up.
+                  steps: int = 16, repeats: int = 3, floor_inputs: dict | None = None) -> list[BenchRow]:
+    """All methods on one prompt, from one shared prefill.
 
-    ``steps`` tokens are decoded per run (the first comes from the prefill, so ``steps - 1`` timed
-    decode steps); every step's time enters the median.
+    Compression is timed per method (median of ``repeats`` after a warm-up). Decoding is timed in
+    turns: every method's cache is built first, then each step decodes one token with each method
+    in a round robin (its press attached around the step, outside the timed region), so that
+    machine noise hits all methods alike and their ratios hold on a busy machine. With
+    ``floor_inputs`` (a prompt about as short as the budget) a ``floor`` row joins the round robin:
+    the full cache of that short prompt, the least a compressed cache can cost per token.
     """
     device = inputs["input_ids"].device
     cuda = torch.device(device).type == "cuda"
@@ -82,39 +85,90 @@ def bench_context(model, inputs: dict, methods: Sequence[str], budget: int, wind
         prefill_times.append(pre.seconds)
     prefill_s = statistics.median(prefill_times)
     n = pre.prompt_length
-    rows = []
+    reset_peak_rss(trim=False)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    entries = []
     for name in methods:
         method = make_method(name, budget=budget, window=window)
-        per_step, compress = [], []
-        peak = None
-        path = "full"
-        kv = theory = alloc = 0
-        for rep in range(repeats + 1):  # rep 0 is the warm-up
-            reset_peak_rss(trim=False)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            allocated: list[int] = []
-            run = run_method(model, pre, method, steps + 1, None, time_steps=True,
-                             on_cache=lambda cache, out=allocated: out.append(_allocated(cache)))
-            if method is not None:
-                kv, theory, alloc = run.kv_bytes, theoretical_bytes(pre, run.plans), allocated[0]
-                path = ",".join(sorted(run.attention_paths)) or "none"
-            if rep > 0:
-                per_step.extend(run.step_seconds)
-                compress.append(run.compress_seconds)
-            peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_rss_mib()
-            del run
-        if method is None:
-            # Bytes after prefill: the full cache before any decoded token.
-            kv = theory = alloc = theoretical_bytes(pre, {})
-        compress_s = statistics.median(compress) if compress else 0.0
+        built = [_build(model, pre, method) for _ in range(repeats + 1)]  # the first is a warm-up
+        entry = built[-1]
+        entry["compress_s"] = statistics.median(b["compress_s"] for b in built[1:])
+        entry["name"], entry["method"] = name, method
+        entries.append(entry)
+        del built
+    if floor_inputs is not None:
+        short = capture_prefill(model, floor_inputs, window=window)
+        entry = _build(model, short, None)
+        entry.update(name="floor", method=None, context=short.prompt_length)
+        entries.append(entry)
+    times = decode_round_robin(model, entries, steps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_rss_mib()
+    rows = []
+    for entry, step_times in zip(entries, times):
+        method = entry["method"]
+        compress_s = entry["compress_s"] if method is not None else 0.0
         rows.append(BenchRow(
-            context=n, method=name, budget=None if method is None else budget, prefill_s=prefill_s,
-            compress_s=compress_s, compress_pct_of_prefill=100 * compress_s / prefill_s if prefill_s else 0.0,
-            decode_ms_per_token=1000 * statistics.median(per_step), kv_bytes=kv, kv_bytes_theory=theory,
-            kv_bytes_allocated=alloc, peak_mem_mib=peak, attention_path=path,
+            context=entry.get("context", n), method=entry["name"], budget=None if method is None else budget,
+            prefill_s=prefill_s if entry["name"] != "floor" else 0.0, compress_s=compress_s,
+            compress_pct_of_prefill=100 * compress_s / prefill_s if prefill_s else 0.0,
+            decode_ms_per_token=1000 * statistics.median(step_times), kv_bytes=entry["kv_bytes"],
+            kv_bytes_theory=entry["theory"], kv_bytes_allocated=entry["allocated"], peak_mem_mib=peak,
+            attention_path=",".join(sorted(entry["session"].attention_paths)) or "none"
+            if entry["session"] is not None else "full",
         ))
     return rows
+
+
+def _build(model, pre, method) -> dict:
+    """A method's cache from a captured prefill, its session (detached) and what it holds."""
+    from ..core.capture import build_cache
+    from ..core.press import cache_kv_bytes, open_session
+
+    session = open_session(model, method) if method is not None else None
+    try:
+        t0 = time.perf_counter()
+        cache, plans, _ = build_cache(pre, method, session)
+        if method is not None and cache.layers and cache.layers[0].device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    finally:
+        if session is not None:
+            session.detach()
+    kv = cache_kv_bytes(cache)
+    return {"cache": cache, "session": session, "compress_s": seconds, "kv_bytes": kv,
+            "theory": theoretical_bytes(pre, plans) if method is not None else kv, "allocated": _allocated(cache),
+            "token": int(pre.logits[0].argmax())}
+
+
+@torch.no_grad()
+def decode_round_robin(model, entries: list[dict], steps: int) -> list[list[float]]:
+    """Seconds of each greedy decode step of each entry, taken in turns (one step of each per round).
+
+    An entry's press session is re-attached around its step (the cache belongs to it); attaching
+    is not timed. The first round is a warm-up.
+    """
+    device = model.device
+    times: list[list[float]] = [[] for _ in entries]
+    for step in range(steps + 1):
+        for entry, out in zip(entries, times):
+            session = entry["session"]
+            if session is not None:
+                session.attach()
+            try:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                logits = model(input_ids=torch.tensor([[entry["token"]]], device=device), cache=entry["cache"],
+                               use_cache=True).logits
+                entry["token"] = int(logits[0, -1].argmax())
+                dt = time.perf_counter() - t0
+            finally:
+                if session is not None:
+                    session.detach()
+            if step > 0:
+                out.append(dt)
+    return times
 
 
 def rows_to_dicts(rows: Sequence[BenchRow]) -> list[dict]:

@@ -101,18 +101,25 @@ def test_kv_bytes_equal_kept_tokens(dtype):
     assert theory <= layer.allocated_bytes() <= 1.02 * theory + 1024
 
 
-def test_tail_growth_is_amortised():
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "dense-tail"])
+def test_tail_growth_is_amortised(inline, monkeypatch):
+    import mixkv.core.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "INLINE_MAX_SEGMENTS", 8 if inline else 0)
     gen = torch.Generator().manual_seed(2)
     keys, values = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
     layer = CompressedLayer(keys, values, random_plan(1, 2, 50, 4, gen), prompt_length=50)
+    assert layer.is_flat and layer.inline == inline
+    buffer = (lambda: layer._flat_k) if inline else (lambda: layer._tail_k)
     reallocs = 0
-    last = layer._tail_k.data_ptr()
+    last = buffer().data_ptr()
+    held = layer.tokens_held()
     for _ in range(200):
         layer.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
-        if layer._tail_k.data_ptr() != last:
+        if buffer().data_ptr() != last:
             reallocs += 1
-            last = layer._tail_k.data_ptr()
-    assert layer.tail_len == 200
+            last = buffer().data_ptr()
+    assert layer.decoded == 200 and layer.tokens_held() == held + 2 * 200
     assert reallocs <= 12  # geometric growth: O(log n) copies, not one per token
 
 
@@ -203,7 +210,8 @@ def test_packing_places_every_token_once_in_pure_chunks():
 def test_index_bytes_stay_small_next_to_the_kept_tokens():
     """Bytes held beyond the kept keys and values: the packing's indexes, under 2% for real layouts."""
     gen = torch.Generator().manual_seed(0)
-    for b, h, d, mean in [(1, 8, 128, 1024), (1, 32, 128, 4096), (8, 8, 128, 1024), (1, 4, 128, 256)]:
+    for b, h, d, mean in [(1, 8, 128, 1024), (1, 32, 128, 4096), (8, 8, 128, 1024), (1, 4, 128, 256),
+                          (1, 3, 64, 128), (2, 8, 64, 128)]:
         lengths = (mean * (0.5 + torch.rand(b, h, generator=gen))).long()
         n = int(lengths.max())
         plan = KeepPlan(torch.arange(n).expand(b, h, n).clone(), lengths)
@@ -211,5 +219,6 @@ def test_index_bytes_stay_small_next_to_the_kept_tokens():
         layer.update(torch.randn(b, h, 1, d).bfloat16(), torch.randn(b, h, 1, d).bfloat16())
         varlen_attention(torch.randn(b, h * 4, 1, d).bfloat16(), layer, d**-0.5)  # builds the remainder mask
         kept = 2 * int(lengths.sum()) * d * 2
-        extra = layer.allocated_bytes() - kept - 2 * layer._tail_k.numel() * 2
+        buffers = 2 * (layer._tail_k.numel() + layer._flat_k.numel()) * 2  # kept, decoded and spare capacity
+        extra = layer.allocated_bytes() - buffers
         assert 0 <= extra <= 0.02 * kept, (b, h, mean, extra / kept)

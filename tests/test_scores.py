@@ -281,6 +281,7 @@ def test_redundancy_in_unit_interval_and_pairwise(params, pad_frac):
 def test_redundancy_of_identical_or_parallel_keys_is_one(seed, n, d, scale):
     gen = torch.Generator().manual_seed(seed)
     one = torch.randn(d, generator=gen)
+    one = one / one.norm().clamp_min(1e-12)  # keys far above the unit-normalisation epsilon (1e-6)
     # Same direction, positive random lengths: cosine 1 for every pair.
     lengths = scale * (0.1 + torch.rand(n, 1, generator=gen))
     keys = (one * lengths).view(1, 1, n, d)

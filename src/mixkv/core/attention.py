@@ -129,6 +129,8 @@ def varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float
     g = hq // h
     gq = g * q
     s = b * h
+    if layer.inline:
+        return _inline_attention(query, layer, scaling)
     qs = query.reshape(b, h, gq, d).reshape(s, gq, d)
     lt = layer.keys.shape[2]
     tail_mask = None
@@ -146,13 +148,37 @@ def varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float
     return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).to(query.dtype).contiguous()
 
 
+def _inline_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float) -> torch.Tensor:
+    """A small layer that packs its decoded tokens too: one attention call with a segment mask.
+
+    Each query row sees the packed tokens of its own (sequence, head) segment; the last ``q`` tokens
+    of every segment are this call's new tokens, causal among themselves.
+    """
+    b, hq, q, d = query.shape
+    h = layer.num_heads
+    g = hq // h
+    s = b * h
+    rows = torch.arange(s, device=query.device, dtype=torch.int16).repeat_interleave(g * q)
+    allowed = rows[:, None] == layer.col_seg[None, :]
+    if q > 1:  # new tokens (segment-major, then position) are causal among themselves
+        new = s * q
+        later = torch.arange(q, device=query.device).repeat(s)[None, :] > torch.arange(q, device=query.device).repeat(
+            s * g)[:, None]
+        allowed[:, -new:] &= ~later
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(1, 1, s * g * q, d), layer.flat_k[None, None], layer.flat_v[None, None],
+        attn_mask=allowed[None, None], scale=scaling)
+    return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
+
+
 def flash_varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float):  # pragma: no cover
     """CUDA fast path for single-token decoding: flash-attn varlen over each packed region (every
     segment's part of a region is contiguous, as ``cu_seqlens`` describes), merged by log-sum-exp
     with the dense tail. Returns None when not usable. Not run on this project's CPU machines.
     """
     fn = _flash_varlen()
-    if fn is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or query.shape[2] != 1:
+    if fn is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or query.shape[2] != 1 \
+            or layer.inline:
         return None
     b, hq, _, d = query.shape
     h = layer.num_heads

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .packing import Packing, plan_packing
+from .packing import INLINE_MAX_SEGMENTS, Packing, plan_packing
 from .selection import KeepPlan
 
 MIN_GROWTH = 16
@@ -49,15 +49,24 @@ class CompressedLayer(CacheLayerMixin):
         v_sel = values.gather(2, gather)
         self.packing: Packing | None = None
         self._rem_masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._flat_k = self._flat_v = self._col_seg = None
+        self.flat_len = 0
+        self.inline = False
         if plan.uniform:
-            self.flat_k = self.flat_v = None
             self._tail_k, self._tail_v = k_sel.contiguous(), v_sel.contiguous()
             self.tail_len = k_sel.shape[2]
         else:
             valid = plan.valid()
             order, self.packing = plan_packing(plan.lengths.reshape(-1))
-            self.flat_k = k_sel[valid][order].contiguous()  # (T, D), see mixkv.core.packing
-            self.flat_v = v_sel[valid][order].contiguous()
+            self._flat_k = k_sel[valid][order].contiguous()  # (T, D), see mixkv.core.packing
+            self._flat_v = v_sel[valid][order].contiguous()
+            self.flat_len = self._flat_k.shape[0]
+            # A small layer of few heads keeps its decoded tokens in the packed buffer too: one masked
+            # attention call per step instead of three and a merge (see mixkv.core.packing).
+            self.inline = not self.packing.regions and self.packing.num_segments <= INLINE_MAX_SEGMENTS
+            if self.inline:  # the packed tokens' segments move to col_seg (int16), which grows with decoding
+                self._col_seg = self.packing.rem_seg.to(torch.int16)
+                self.packing.rem_seg = self.packing.rem_seg[:0]
             self._tail_k = keys.new_empty(b, h, 0, d)
             self._tail_v = values.new_empty(b, h, 0, d)
             self.tail_len = 0
@@ -68,7 +77,40 @@ class CompressedLayer(CacheLayerMixin):
     # ---- storage -------------------------------------------------------------------------
     @property
     def is_flat(self) -> bool:
-        return self.flat_k is not None
+        return self._flat_k is not None
+
+    @property
+    def flat_k(self) -> torch.Tensor | None:
+        """``(T, D)``: the packed tokens (prompt tokens, and decoded ones for an inline layer)."""
+        return None if self._flat_k is None else self._flat_k[: self.flat_len]
+
+    @property
+    def flat_v(self) -> torch.Tensor | None:
+        return None if self._flat_v is None else self._flat_v[: self.flat_len]
+
+    @property
+    def col_seg(self) -> torch.Tensor:
+        """Inline layers: ``(T,)`` int16, the segment (sequence x head) of each packed token."""
+        return self._col_seg[: self.flat_len]
+
+    def _append_inline(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append decoded tokens to the packed buffer, segment-major (geometric growth, no copy per step)."""
+        b, h, q, d = key_states.shape
+        extra = b * h * q
+        cap = self._flat_k.shape[0]
+        if self.flat_len + extra > cap:
+            new_cap = max(self.flat_len + extra, cap + max(MIN_GROWTH * b * h, cap // 4))
+            for name in ("_flat_k", "_flat_v", "_col_seg"):
+                old = getattr(self, name)
+                new = old.new_empty(new_cap, *old.shape[1:])
+                new[: self.flat_len] = old[: self.flat_len]
+                setattr(self, name, new)
+        end = self.flat_len + extra
+        self._flat_k[self.flat_len : end] = key_states.reshape(extra, d)
+        self._flat_v[self.flat_len : end] = value_states.reshape(extra, d)
+        segs = torch.arange(b * h, device=self.device, dtype=torch.int16)
+        self._col_seg[self.flat_len : end] = segs.repeat_interleave(q) if q > 1 else segs
+        self.flat_len = end
 
     def remainder_mask(self, rows_per_segment: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Additive ``(1, 1, S * rows, R)`` mask letting each segment's query rows see only its remainder
@@ -124,6 +166,10 @@ class CompressedLayer(CacheLayerMixin):
                 f"got new states of shape {tuple(key_states.shape)}"
             )
         q = key_states.shape[2]
+        if self.inline:
+            self._append_inline(key_states, value_states)
+            self.decoded += q
+            return self.keys, self.values
         self._reserve(q)
         self._tail_k[:, :, self.tail_len : self.tail_len + q] = key_states
         self._tail_v[:, :, self.tail_len : self.tail_len + q] = value_states
@@ -188,7 +234,7 @@ class CompressedLayer(CacheLayerMixin):
     # ---- accounting ----------------------------------------------------------------------
     def tokens_held(self) -> int:
         """Key/value vectors stored (all sequences and heads), prompt and decoded."""
-        flat = 0 if self.flat_k is None else self.flat_k.shape[0]
+        flat = self.flat_len
         return flat + self.batch_size * self.num_heads * self.tail_len
 
     def kv_bytes(self) -> int:
@@ -199,8 +245,10 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes actually allocated, including the tail's spare capacity and index metadata."""
         elem = torch.finfo(self.dtype).bits // 8
         total = 2 * self._tail_k.numel() * elem
-        if self.flat_k is not None:
-            total += 2 * self.flat_k.numel() * elem + self.packing.index_bytes()
+        if self._flat_k is not None:
+            total += 2 * self._flat_k.numel() * elem + self.packing.index_bytes()
+            if self._col_seg is not None:
+                total += self._col_seg.numel() * self._col_seg.element_size()
             total += sum(t.numel() * t.element_size() for pair in self._rem_masks.values() for t in pair)
         return total
 

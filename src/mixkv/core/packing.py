@@ -25,6 +25,10 @@ import torch
 CHUNK_SIZES = (128, 16)
 """Chunk sizes of the regions, largest first: big chunks for long heads, small ones for the rest."""
 
+INLINE_MAX_SEGMENTS = 8
+"""A small layer with at most this many (sequence x head) segments also packs its decoded tokens, so
+one masked call covers prompt and decoded tokens (the mask's work grows with ``S``, hence the bound)."""
+
 SMALL_LAYER = 1 << 14
 """Below ``S * T`` of this, everything goes to the remainder: one masked kernel call costs less
 than one call per region there (measured with ``mixkv bench --micro``)."""
@@ -59,7 +63,7 @@ class Packing:
 
     regions: list[Region]
     rem_start: int
-    rem_seg: torch.Tensor  # (R,) long: the segment of each remainder token
+    rem_seg: torch.Tensor  # (R,) int32: the segment of each remainder token
     has_rem: torch.Tensor  # (S,) bool: the segment has remainder tokens
     rem_cu: torch.Tensor  # (S + 1,) long: where each segment's remainder starts in the remainder
     rem_max: int
@@ -115,6 +119,7 @@ def plan_packing(lengths: torch.Tensor, chunk_sizes: tuple[int, ...] | None = No
     rem_first[1:] = rem_len.cumsum(0)[:-1]
     rank = torch.arange(r, device=device) - rem_first[rem_seg]
     pieces.append(seg_start[rem_seg] + used[rem_seg] + rank)
+    rem_seg = rem_seg.to(torch.int32)
     order = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=device)
     # Partial results come as: one row per chunk of each region, one per segment for the remainder,
     # one per segment for the decoded tail.

@@ -230,7 +230,8 @@ def make_attention_function(original: Callable, session) -> Callable:
             if out is not None:  # pragma: no cover - CUDA only
                 announce("flash_attn_varlen")
                 return out, None
-            announce("torch_varlen")
+            kind = "dense" if not layer.is_flat else ("inline" if layer.inline else "regions")
+            announce(f"torch_varlen:{kind}")
             return varlen_attention(query, layer, scaling), None
         session.capture(module, query, scaling)
         return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -1,4 +1,4 @@
-"""A slow, obviously-correct reference for DESIGN.md, "The method, precisely" and "Base methods".
+"""A slow, obviously-correct reference for docs/method.md (MixKV and the base methods).
 
 Written independently of ``mixkv`` (nothing is imported from it): plain Python loops over batch,
 heads and positions, Python floats in double precision (``math.fsum`` for sums), exact
@@ -10,7 +10,7 @@ Padding is handled in the most literal way possible: each sequence is first *str
 by the number of padding tokens at the end. Padding therefore cannot receive attention, enter a
 min/max/mean/centroid/redundancy, or be kept, by construction.
 
-Conventions (the library's choices where DESIGN.md leaves room):
+Conventions (the library's choices where the papers leave room, as docs/method.md states them):
   * pooling: average pool, kernel 5, stride 1, zero padding 2, divide by the kernel size
     (``count_include_pad``), over the candidate positions only;
   * window query ``i`` (position ``N - W + i``) sees keys ``0 .. N - W + i``; logits times

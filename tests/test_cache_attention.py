@@ -45,6 +45,26 @@ def dense_reference(query, keys, values, plan, new_k, new_v, scaling):
     return torch.matmul(probs, v_all.repeat_interleave(g, 1)).transpose(1, 2)
 
 
+def decode_and_compare(layer, keys, values, plan, g, chunks, gen, fused):
+    """Append ``chunks`` of new tokens one call at a time; after each, attention over the layer must
+    equal plain attention over the prompt with the evicted positions masked, plus the new tokens."""
+    b, h, n, d = keys.shape
+    dtype = keys.dtype
+    new_k = torch.empty(b, h, 0, d, dtype=dtype)
+    new_v = torch.empty(b, h, 0, d, dtype=dtype)
+    for step, q in enumerate(chunks):
+        k_step = torch.randn(b, h, q, d, generator=gen).to(dtype)
+        v_step = torch.randn(b, h, q, d, generator=gen).to(dtype)
+        layer.update(k_step, v_step)
+        new_k, new_v = torch.cat([new_k, k_step], 2), torch.cat([new_v, v_step], 2)
+        query = torch.randn(b, h * g, q, d, generator=gen).to(dtype)
+        got = varlen_attention(query, layer, d**-0.5, fused=fused)
+        ref = dense_reference(query, keys, values, plan, new_k, new_v, d**-0.5)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol, msg=f"step {step}")
+        assert layer.get_seq_length() == n + new_k.shape[2]
+
+
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
@@ -61,19 +81,7 @@ def test_varlen_attention_matches_masked_dense(seed, dtype, fused):
     plan = random_plan(b, h, n, window, gen)
     layer = CompressedLayer(keys, values, plan, prompt_length=n)
     assert layer.is_flat or plan.uniform
-    new_k = torch.empty(b, h, 0, d, dtype=dtype)
-    new_v = torch.empty(b, h, 0, d, dtype=dtype)
-    for step, q in enumerate([1, 1, 3, 1]):  # single-token decoding and a multi-token chunk
-        k_step = torch.randn(b, h, q, d, generator=gen).to(dtype)
-        v_step = torch.randn(b, h, q, d, generator=gen).to(dtype)
-        layer.update(k_step, v_step)
-        new_k, new_v = torch.cat([new_k, k_step], 2), torch.cat([new_v, v_step], 2)
-        query = torch.randn(b, h * g, q, d, generator=gen).to(dtype)
-        got = varlen_attention(query, layer, d**-0.5, fused=fused)
-        ref = dense_reference(query, keys, values, plan, new_k, new_v, d**-0.5)
-        tol = 1e-5 if dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol, msg=f"step {step}")
-        assert layer.get_seq_length() == n + new_k.shape[2]
+    decode_and_compare(layer, keys, values, plan, g, [1, 1, 3, 1], gen, fused)  # single tokens and a chunk
 
 
 def test_uniform_plan_is_stored_dense_and_exact():
@@ -168,18 +176,7 @@ def test_chunked_layout_matches_masked_dense(chunked, seed, dtype, fused):
     if not layer.is_flat:
         pytest.skip("uniform draw")
     assert layer.packing.regions, "the fixture should force chunk regions"
-    new_k = torch.empty(b, h, 0, d, dtype=dtype)
-    new_v = torch.empty(b, h, 0, d, dtype=dtype)
-    for step, q in enumerate([1, 4, 1, 2, 1]):
-        k_step = torch.randn(b, h, q, d, generator=gen).to(dtype)
-        v_step = torch.randn(b, h, q, d, generator=gen).to(dtype)
-        layer.update(k_step, v_step)
-        new_k, new_v = torch.cat([new_k, k_step], 2), torch.cat([new_v, v_step], 2)
-        query = torch.randn(b, h * g, q, d, generator=gen).to(dtype)
-        got = varlen_attention(query, layer, d**-0.5, fused=fused)
-        ref = dense_reference(query, keys, values, plan, new_k, new_v, d**-0.5)
-        tol = 1e-5 if dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol, msg=f"step {step}")
+    decode_and_compare(layer, keys, values, plan, g, [1, 4, 1, 2, 1], gen, fused)
 
 
 def test_packing_places_every_token_once_in_pure_chunks():

@@ -21,7 +21,7 @@ def token_similarity(states: torch.Tensor, valid: torch.Tensor | None = None) ->
     """Each token's average cosine similarity to the head's other tokens, in O(N).
 
     ``states`` ``(B, H, N, D)``; returns ``(B, H, N)``: ``(N <k̂_i, c> - 1) / (N - 1)`` with ``c`` the
-    mean unit vector over valid tokens (so its mean over tokens is :func:`mixkv.scores.redundancy`).
+    mean unit vector over valid tokens (so its mean over tokens is :func:`mixkv.core.scores.redundancy`).
     Padding gets NaN.
     """
     c = scores.key_centroid(states, valid)

@@ -150,7 +150,7 @@ def plot_kept_patches(image, grid: tuple[int, int], image_positions: torch.Tenso
 
     ``image`` a PIL image; ``grid`` ``(rows, cols)`` patches; ``image_positions`` ``(rows*cols,)``
     prompt positions of the image tokens in row-major patch order; ``plans`` method -> layer ->
-    :class:`~mixkv.selection.KeepPlan` (batch index 0); ``layer`` / ``head`` restrict the share.
+    :class:`~mixkv.core.selection.KeepPlan` (batch index 0); ``layer`` / ``head`` restrict the share.
     """
     import numpy as np
     from matplotlib.colors import ListedColormap

@@ -65,3 +65,5 @@ def masked_reference(model, plans: dict, prompt_length: int, valid: torch.Tensor
         yield state
     finally:
         info.text_config._attn_implementation = saved
+        AttentionInterface._global_mapping.pop(name, None)  # leave the registries as we found them
+        AttentionMaskInterface._global_mapping.pop(name, None)

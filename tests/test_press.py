@@ -164,6 +164,8 @@ def test_window_queries_are_the_models_own(models, arch):
         model(**inputs)
     finally:
         info.text_config._attn_implementation = saved
+        AttentionInterface._global_mapping.pop("mixkv_test_spy", None)
+        AttentionMaskInterface._global_mapping.pop("mixkv_test_spy", None)
     with press(model, method, record=True) as session:
         model(**inputs, use_cache=True)
     from mixkv.core.layer import LayerPrefill

@@ -158,8 +158,7 @@ def _inline_attention(query: torch.Tensor, layer: CompressedLayer, scaling: floa
     h = layer.num_heads
     g = hq // h
     s = b * h
-    rows = torch.arange(s, device=query.device, dtype=torch.int16).repeat_interleave(g * q)
-    allowed = rows[:, None] == layer.col_seg[None, :]
+    allowed = layer.inline_rows(g * q)[:, None] == layer.col_seg[None, :]
     if q > 1:  # new tokens (segment-major, then position) are causal among themselves
         new = s * q
         later = torch.arange(q, device=query.device).repeat(s)[None, :] > torch.arange(q, device=query.device).repeat(

@@ -49,6 +49,7 @@ class CompressedLayer(CacheLayerMixin):
         v_sel = values.gather(2, gather)
         self.packing: Packing | None = None
         self._rem_masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._inline_rows: dict[int, torch.Tensor] = {}
         self._flat_k = self._flat_v = self._col_seg = None
         self.flat_len = 0
         self.inline = False
@@ -92,6 +93,14 @@ class CompressedLayer(CacheLayerMixin):
     def col_seg(self) -> torch.Tensor:
         """Inline layers: ``(T,)`` int16, the segment (sequence x head) of each packed token."""
         return self._col_seg[: self.flat_len]
+
+    def inline_rows(self, rows_per_segment: int) -> torch.Tensor:
+        """Inline layers: ``(S * rows,)`` int16, the segment of each query row (made once per row count)."""
+        rows = self._inline_rows.get(rows_per_segment)
+        if rows is None:
+            segs = torch.arange(self.batch_size * self.num_heads, device=self.device, dtype=torch.int16)
+            rows = self._inline_rows[rows_per_segment] = segs.repeat_interleave(rows_per_segment)
+        return rows
 
     def _append_inline(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Append decoded tokens to the packed buffer, segment-major (geometric growth, no copy per step)."""
@@ -250,6 +259,7 @@ class CompressedLayer(CacheLayerMixin):
             if self._col_seg is not None:
                 total += self._col_seg.numel() * self._col_seg.element_size()
             total += sum(t.numel() * t.element_size() for pair in self._rem_masks.values() for t in pair)
+            total += sum(t.numel() * t.element_size() for t in self._inline_rows.values())
         return total
 
     def __repr__(self) -> str:

@@ -145,3 +145,33 @@ def load_profile(path: str | Path) -> Profile:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
     return profile_from_json(obj, str(path))
+
+
+def require_scores(value, field: str, method: str, what: str) -> Profile:
+    """The profile a method needs ``field`` from (a Profile or its JSON path), or a clear error.
+
+    Shared by every method whose budgets come from offline per-head scores (SparseMM, HeadKV):
+    a missing profile, a profile without the field, or all-zero scores are errors, never a
+    silent uniform fallback.
+    """
+    if value is None:
+        raise ValueError(
+            f"{method} needs {field}: a calibration profile (JSON path or mixkv.Profile) with per-(layer, KV head) "
+            f"{what}; make one with `mixkv calibrate`"
+        )
+    if not isinstance(value, Profile):
+        if not isinstance(value, (str, Path)):
+            raise ValueError(f"{method}: {field} must be a Profile or a JSON path, got {value!r}")
+        value = load_profile(value)
+    scores = getattr(value, field)
+    if scores is None:
+        raise ValueError(
+            f"{method}: profile {value.model!r} has no {field} (only {', '.join(value.fields()) or 'no fields'}); "
+            f"calibrate with `mixkv calibrate` on prompts with answer regions"
+        )
+    if not float(scores.sum()) > 0:
+        raise ValueError(
+            f"{method}: the {field} of profile {value.model!r} are all zero, so they say nothing about which heads "
+            "to favour; calibrate on prompts whose answers the model finds"
+        )
+    return value

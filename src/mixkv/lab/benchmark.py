@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from ..core import defaults
 from ..core.attention import varlen_attention
 from ..core.cache import CompressedLayer
-from ..core.capture import capture_prefill
+from ..core.capture import build_cache, capture_prefill
+from ..core.press import cache_kv_bytes, open_session, press
 from ..core.registry import make_method
 from ..core.selection import KeepPlan
 from .machine import peak_rss_mib, reset_peak_rss
@@ -122,9 +123,6 @@ def bench_context(model, inputs: dict, methods: Sequence[str], budget: int, wind
 
 def _build(model, pre, method) -> dict:
     """A method's cache from a captured prefill, its session (detached) and what it holds."""
-    from ..core.capture import build_cache
-    from ..core.press import cache_kv_bytes, open_session
-
     session = open_session(model, method) if method is not None else None
     try:
         t0 = time.perf_counter()
@@ -294,9 +292,6 @@ def throughput(model, inputs: dict, methods: Sequence[str], budget: int, window:
 @torch.no_grad()
 def _batch_decode(model, pre, method, steps: int) -> list[float]:
     """Seconds of each greedy decode step of a whole batch from a captured prefill."""
-    from ..core.capture import build_cache
-    from ..core.press import press
-
     def loop(cache) -> list[float]:
         token = pre.logits.argmax(-1, keepdim=True)
         times = []

@@ -21,7 +21,7 @@ import torch
 from .. import budgets, defaults
 from ..layer import LayerPrefill
 from ..models import ModelInfo
-from ..profiles import Profile, load_profile
+from ..profiles import Profile, require_scores
 from .base import BudgetedMethod
 
 
@@ -63,29 +63,8 @@ class HeadKV(BudgetedMethod):
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not math.isfinite(self.beta) \
                 or self.beta < 1:
             raise ValueError(f"HeadKV: beta must be a number >= 1 (each head pools base / beta), got {self.beta!r}")
-        if self.retrieval_scores is None:
-            raise ValueError(
-                "HeadKV needs retrieval_scores: a calibration profile (JSON path or mixkv.Profile) with "
-                "per-(layer, KV head) retrieval-reasoning scores; make one with `mixkv calibrate`"
-            )
-        if not isinstance(self.retrieval_scores, Profile):
-            if not isinstance(self.retrieval_scores, (str, Path)):
-                raise ValueError(
-                    f"HeadKV: retrieval_scores must be a Profile or a JSON path, got {self.retrieval_scores!r}"
-                )
-            self.retrieval_scores = load_profile(self.retrieval_scores)
-        profile = self.retrieval_scores
-        if profile.retrieval_scores is None:
-            raise ValueError(
-                f"HeadKV: profile {profile.model!r} has no retrieval_scores (only "
-                f"{', '.join(profile.fields()) or 'no fields'}); calibrate with `mixkv calibrate` on prompts with "
-                "answer regions (profiles written before HeadKV existed lack them)"
-            )
-        if not float(profile.retrieval_scores.sum()) > 0:
-            raise ValueError(
-                f"HeadKV: the retrieval_scores of profile {profile.model!r} are all zero, so they say nothing "
-                "about which heads to favour; calibrate on prompts whose answers the model finds"
-            )
+        self.retrieval_scores = require_scores(self.retrieval_scores, "retrieval_scores", "HeadKV",
+                                               "retrieval-reasoning scores")
 
     def validate_for(self, info: ModelInfo) -> None:
         self.retrieval_scores.check_shape(info)

@@ -14,7 +14,7 @@ import torch
 from .. import budgets, defaults
 from ..layer import LayerPrefill
 from ..models import ModelInfo
-from ..profiles import Profile, load_profile
+from ..profiles import Profile, require_scores
 from .base import BudgetedMethod
 
 
@@ -34,25 +34,7 @@ class SparseMM(BudgetedMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head_scores is None:
-            raise ValueError(
-                "SparseMM needs head_scores: a calibration profile (JSON path or mixkv.Profile) "
-                "with per-(layer, KV head) visual-head scores; make one with `mixkv calibrate`"
-            )
-        if not isinstance(self.head_scores, Profile):
-            if not isinstance(self.head_scores, (str, Path)):
-                raise ValueError(f"SparseMM: head_scores must be a Profile or a JSON path, got {self.head_scores!r}")
-            self.head_scores = load_profile(self.head_scores)
-        if self.head_scores.head_scores is None:
-            raise ValueError(
-                f"SparseMM: profile {self.head_scores.model!r} has no head_scores (only "
-                f"{', '.join(self.head_scores.fields()) or 'no fields'}); calibrate with visual-head scoring"
-            )
-        if not float(self.head_scores.head_scores.sum()) > 0:
-            raise ValueError(
-                f"SparseMM: the head_scores of profile {self.head_scores.model!r} are all zero, so they say "
-                "nothing about which heads to favour; calibrate on prompts with answer regions"
-            )
+        self.head_scores = require_scores(self.head_scores, "head_scores", "SparseMM", "visual-head scores")
         if isinstance(self.ratio_uniform, bool) or not isinstance(self.ratio_uniform, (int, float)) \
                 or not 0.0 <= self.ratio_uniform <= 1.0:
             raise ValueError(f"SparseMM: ratio_uniform must be in [0, 1], got {self.ratio_uniform!r}")

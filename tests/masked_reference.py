@@ -67,3 +67,42 @@ def masked_reference(model, plans: dict, prompt_length: int, valid: torch.Tensor
         info.text_config._attn_implementation = saved
         AttentionInterface._global_mapping.pop(name, None)  # leave the registries as we found them
         AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def _history_eager(allowed_by_layer: dict, captured: dict | None):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if captured is not None:
+            captured[module.layer_idx] = (query.detach(), key.detach(), value.detach(), scaling)
+        b, hq, q, d = query.shape
+        h = key.shape[1]
+        g = hq // h
+        scaling = scaling if scaling is not None else d**-0.5
+        kk = key.repeat_interleave(g, dim=1).float()
+        vv = value.repeat_interleave(g, dim=1).float()
+        logits = torch.matmul(query.float(), kk.transpose(-1, -2)) * scaling  # (B, Hq, q, N)
+        allowed = allowed_by_layer[module.layer_idx].repeat_interleave(g, dim=1)  # (B, Hq, N, N)
+        logits = logits.masked_fill(~allowed[:, :, -q:, : key.shape[2]], float("-inf"))
+        probs = torch.nan_to_num(torch.softmax(logits, dim=-1))
+        out = torch.matmul(probs, vv).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@contextmanager
+def history_reference(model, allowed_by_layer: dict, captured: dict | None = None):
+    """Run ``model`` uncompressed where query row ``r`` of layer ``l``, KV head ``h`` sees exactly the keys
+    ``allowed_by_layer[l][b, h, r]`` (``(B, H, N, N)`` bool): what the press held when it ran that row.
+    ``captured`` receives each layer's ``(query, key, value, scaling)`` (after RoPE)."""
+    info = inspect_model(model)
+    name = "mixkv_test_history_reference"
+    AttentionInterface.register(name, _history_eager(allowed_by_layer, captured))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    saved = info.text_config._attn_implementation
+    info.text_config._attn_implementation = name
+    try:
+        yield
+    finally:
+        info.text_config._attn_implementation = saved
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)

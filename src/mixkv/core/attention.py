@@ -3,8 +3,9 @@
 The press registers one attention function (``mixkv_<original>``) in transformers'
 ``AttentionInterface`` that wraps the model's own choice (sdpa, eager, flash...). It
 
-* at prefill, stores the last ``W`` queries exactly as the model computed them (after its own
-  rotary embedding, M-RoPE included) and then runs the original kernel: prefill stays exact;
+* hands every call's queries to the press (:meth:`PressSession.capture`), which keeps the last ``W``
+  exactly as the model computed them (after its own rotary embedding, M-RoPE included) for the
+  layers it will compress; prefill runs the original kernel and stays exact;
 * on a compressed layer, runs the original kernel on the dense view when every head has the
   same length, and otherwise attends over per-head lengths (``varlen_attention``).
 """
@@ -40,6 +41,23 @@ def _tail_causal_mask(q: int, g: int, length: int, device) -> torch.Tensor:
     """``(G*q, L)``: query ``i`` (last ``q`` tail entries are the new tokens) sees tail ``<= L - q + i``."""
     i = torch.arange(q, device=device).repeat(g)
     return torch.arange(length, device=device)[None, :] <= (length - q + i)[:, None]
+
+
+def _tail_mask(layer: CompressedLayer, q: int, g: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """Additive mask over the dense tail: causal among the ``q`` new tokens, and blind to padding of a
+    later padded turn (``layer.tail_valid``); a padding query still sees its own key (no empty row)."""
+    lt = layer.keys.shape[2]
+    tail_valid = layer.tail_valid
+    if q == 1 and tail_valid is None:
+        return None
+    allowed = _tail_causal_mask(q, g, lt, device)[None, None]  # (1, 1, G*q, L)
+    if tail_valid is not None:
+        i = torch.arange(q, device=device).repeat(g)
+        own = torch.arange(lt, device=device)[None, :] == (lt - q + i)[:, None]
+        seen = tail_valid.repeat_interleave(layer.num_heads, dim=0)[:, None, None, :] | own[None, None]
+        allowed = allowed & seen  # (S, 1, G*q, L)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, float("-inf"))
 
 
 def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
@@ -133,11 +151,7 @@ def varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling: float
         return _inline_attention(query, layer, scaling)
     qs = query.reshape(b, h, gq, d).reshape(s, gq, d)
     lt = layer.keys.shape[2]
-    tail_mask = None
-    if q > 1:
-        allowed = _tail_causal_mask(q, g, lt, query.device)
-        tail_mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-        tail_mask = tail_mask.masked_fill(~allowed, float("-inf"))[None, None]
+    tail_mask = _tail_mask(layer, q, g, query.dtype, query.device)
     out_t, lse_t = attend_with_lse(qs[:, None], layer.keys.reshape(s, 1, lt, d), layer.values.reshape(s, 1, lt, d),
                                    tail_mask, scaling, fused)
     if layer.is_flat:
@@ -219,8 +233,9 @@ def make_attention_function(original: Callable, session) -> Callable:
         layer = session.layer_for(module)
         if scaling is None:
             scaling = module.scaling if hasattr(module, "scaling") else query.shape[-1] ** -0.5
+        session.capture(module, query, scaling)
         if isinstance(layer, CompressedLayer):
-            if not layer.is_flat and query.shape[2] == 1:
+            if not layer.is_flat and query.shape[2] == 1 and layer.tail_valid is None:
                 # Uniform lengths: the stored tokens are a plain dense cache; the logical-length mask
                 # transformers built no longer lines up, and a single query needs none.
                 announce(f"dense:{getattr(original, '__name__', 'original')}")
@@ -232,7 +247,6 @@ def make_attention_function(original: Callable, session) -> Callable:
             kind = "dense" if not layer.is_flat else ("inline" if layer.inline else "regions")
             announce(f"torch_varlen:{kind}")
             return varlen_attention(query, layer, scaling), None
-        session.capture(module, query, scaling)
         return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     return mixkv_attention

@@ -27,15 +27,16 @@ def _expand(per_seq: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def apportion(share: torch.Tensor, total: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
-    """Integers close to ``share`` ``(B, K)`` that sum to ``total`` ``(B,)``, each at most ``cap`` ``(B,)``.
+    """Integers close to ``share`` ``(B, K)`` that sum to ``total`` ``(B,)``, each at most ``cap``
+    (``(B,)``, or ``(B, K)`` per entry).
 
     Shares above the cap are cut and the excess is spread over the uncapped entries in proportion
     to their shares (water-filling); then largest-remainder rounding with ties to the lower index.
-    Requires ``total <= K * cap``.
+    When the caps sum to less than ``total``, every entry gets its cap.
     """
     b, k = share.shape
     share = share.double().clamp_min(0)
-    capf = cap.double()[:, None].expand(b, k)
+    capf = (cap.double()[:, None] if cap.dim() == 1 else cap.double()).expand(b, k)
     totalf = total.double()
     x = torch.minimum(share, capf)
     for _ in range(k):  # at most K rounds: each caps at least one more entry
@@ -98,7 +99,7 @@ def pyramid_counts(
 
 def adakv_counts(
     s_ext: torch.Tensor, cand_valid: torch.Tensor, cand_budget: torch.Tensor, n_cand: torch.Tensor,
-    floor: float = defaults.ADAKV_FLOOR, normalize: bool = True,
+    floor: float = defaults.ADAKV_FLOOR, normalize: bool = True, head_cap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AdaKV: share the layer's ``base * H`` candidates among its heads by their attention mass.
 
@@ -106,7 +107,9 @@ def adakv_counts(
     ``normalize`` each head's sorted scores are multiplied by the fraction of its mass inside its
     own top ``base``; the top ``base * H`` over all heads (ties: lower head, then higher rank) are
     counted per head, then mixed with the uniform share, ``count * (1 - floor) + floor * base``,
-    and apportioned to integers summing to exactly ``base * H``.
+    and apportioned to integers summing to exactly ``base * H``. ``head_cap`` ``(B, H)``: the
+    candidates each head holds when they differ by head (re-compression); a capped head passes its
+    excess on. Default: ``n_cand`` for every head.
     """
     b, h, c = s_ext.shape
     scores = s_ext.float().masked_fill(~cand_valid.expand_as(s_ext), float("-inf"))
@@ -132,8 +135,12 @@ def adakv_counts(
     p, q = frac.numerator, frac.denominator
     scaled = counts * (q - p) + p * k[:, None]  # (B, H), share times q
     share = torch.div(scaled, q, rounding_mode="floor").double()
-    mixed = _largest_remainder(share, k * h, n_cand.double()[:, None].expand(b, h), remainder=(scaled % q).double())
-    mixed = torch.minimum(mixed, n_cand[:, None])
+    cap = n_cand[:, None].expand(b, h) if head_cap is None else torch.minimum(head_cap, n_cand[:, None])
+    if head_cap is None:
+        mixed = _largest_remainder(share, k * h, cap.double(), remainder=(scaled % q).double())
+    else:  # heads hold different numbers of candidates: spread a capped head's excess (water-filling)
+        mixed = apportion(scaled.double() / q, k * h, cap)
+    mixed = torch.minimum(mixed, cap)
     return torch.where((n_cand <= cand_budget)[:, None], n_cand[:, None].expand(b, h), mixed)
 
 

@@ -41,9 +41,11 @@ class CompressedLayer(CacheLayerMixin):
         self.device = keys.device
         self.dtype = keys.dtype
         self.batch_size, self.num_heads, self.head_dim = b, h, d
-        self.prompt_length = int(prompt_length)
-        self.decoded = 0
+        self.prompt_length = int(prompt_length)  # logical length when this layer was built
+        self.decoded = 0  # tokens appended since (decoded, or a new turn's tokens)
         self.owner = owner  # the press session; decoding outside it would be silently wrong
+        self.pending_valid: torch.Tensor | None = None  # (B, q) set by the press before an update
+        self._tail_valid: torch.Tensor | None = None  # (B, capacity) once a padding token was appended
         gather = plan.indices[..., None].expand(b, h, plan.indices.shape[-1], d)
         k_sel = keys.gather(2, gather)
         v_sel = values.gather(2, gather)
@@ -72,6 +74,9 @@ class CompressedLayer(CacheLayerMixin):
             self._tail_v = values.new_empty(b, h, 0, d)
             self.tail_len = 0
         self.kept_lengths = plan.lengths.clone()  # (B, H) prompt tokens kept per head
+        # The longest sequence's mean tokens per head when built (one host sync here, none per step):
+        # what the press compares with its decode budget.
+        self.kept_mean_max = float(plan.lengths.sum(-1).max()) / h if plan.lengths.numel() else 0.0
         self._sync_views()
         self.is_initialized = True
 
@@ -102,8 +107,13 @@ class CompressedLayer(CacheLayerMixin):
             rows = self._inline_rows[rows_per_segment] = segs.repeat_interleave(rows_per_segment)
         return rows
 
-    def _append_inline(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Append decoded tokens to the packed buffer, segment-major (geometric growth, no copy per step)."""
+    def _append_inline(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                       valid: torch.Tensor | None) -> None:
+        """Append decoded tokens to the packed buffer, segment-major (geometric growth, no copy per step).
+
+        A padding token (``valid`` False) of segment ``s`` is stored with segment ``-s - 1``: no query
+        row matches it, so it is never attended, and it keeps its slot for re-compression.
+        """
         b, h, q, d = key_states.shape
         extra = b * h * q
         cap = self._flat_k.shape[0]
@@ -118,7 +128,11 @@ class CompressedLayer(CacheLayerMixin):
         self._flat_k[self.flat_len : end] = key_states.reshape(extra, d)
         self._flat_v[self.flat_len : end] = value_states.reshape(extra, d)
         segs = torch.arange(b * h, device=self.device, dtype=torch.int16)
-        self._col_seg[self.flat_len : end] = segs.repeat_interleave(q) if q > 1 else segs
+        segs = segs.repeat_interleave(q) if q > 1 else segs
+        if valid is not None:
+            real = valid.to(self.device).bool()[:, None, :].expand(b, h, q).reshape(-1)
+            segs = torch.where(real, segs, -segs - 1)
+        self._col_seg[self.flat_len : end] = segs
         self.flat_len = end
 
     def remainder_mask(self, rows_per_segment: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +158,75 @@ class CompressedLayer(CacheLayerMixin):
     def _sync_views(self) -> None:
         self.keys = self._tail_k[:, :, : self.tail_len]
         self.values = self._tail_v[:, :, : self.tail_len]
+
+    @property
+    def tail_valid(self) -> torch.Tensor | None:
+        """``(B, tail_len)`` False on padding tokens of a later, padded turn; None when there are none."""
+        return None if self._tail_valid is None else self._tail_valid[:, : self.tail_len]
+
+    def _note_tail_valid(self, valid: torch.Tensor | None, q: int) -> None:
+        if valid is None and self._tail_valid is None:
+            return
+        if self._tail_valid is None or self._tail_valid.shape[1] < self._tail_k.shape[2]:
+            grown = torch.ones(self.batch_size, self._tail_k.shape[2], dtype=torch.bool, device=self.device)
+            if self._tail_valid is not None:
+                grown[:, : self._tail_valid.shape[1]] = self._tail_valid
+            self._tail_valid = grown
+        new = True if valid is None else valid.to(self.device).bool()
+        self._tail_valid[:, self.tail_len - q : self.tail_len] = new
+
+    def held_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every token the layer holds, per head in time order and right-aligned: ``keys`` and
+        ``values`` ``(B, H, L, D)`` and their validity (``(B, L)`` or ``(B, H, L)``; None if all real).
+
+        Heads that hold fewer tokens are filled on the left (invalid), so the last slots are the most
+        recent tokens in every head: what re-compression needs as its window. A copy of the layer,
+        made once per re-compression (never per decoding step).
+        """
+        b, h, d = self.batch_size, self.num_heads, self.head_dim
+        if not self.is_flat:
+            return self.keys, self.values, self.tail_valid
+        s = b * h
+        if self.inline:
+            seg = self.col_seg.long()
+            real = seg >= 0
+            seg = torch.where(real, seg, -seg - 1)
+            order = seg.sort(stable=True).indices  # per segment, in time order
+            seg_sorted = seg[order]
+            counts = torch.bincount(seg, minlength=s)
+            keys_src, values_src, real_src = self.flat_k[order], self.flat_v[order], real[order]
+        else:
+            counts = self.kept_lengths.reshape(-1).long()
+            order, _ = plan_packing(counts)
+            keys_src = torch.empty_like(self.flat_k)
+            values_src = torch.empty_like(self.flat_v)
+            keys_src[order] = self.flat_k  # segment after segment again
+            values_src[order] = self.flat_v
+            seg_sorted = torch.repeat_interleave(torch.arange(s, device=self.device), counts)
+            real_src = None
+        length = int(counts.max()) if s else 0
+        start = counts.cumsum(0) - counts
+        rank = torch.arange(seg_sorted.shape[0], device=self.device) - start[seg_sorted]
+        slot = length - counts[seg_sorted] + rank
+        keys = self.flat_k.new_zeros(s, length, d)
+        values = self.flat_v.new_zeros(s, length, d)
+        valid = torch.zeros(s, length, dtype=torch.bool, device=self.device)
+        keys[seg_sorted, slot] = keys_src
+        values[seg_sorted, slot] = values_src
+        valid[seg_sorted, slot] = True if real_src is None else real_src
+        keys, values, valid = keys.view(b, h, length, d), values.view(b, h, length, d), valid.view(b, h, length)
+        if self.tail_len:
+            tail_valid = self.tail_valid
+            tail_valid = torch.ones(b, h, self.tail_len, dtype=torch.bool, device=self.device) if tail_valid is None \
+                else tail_valid[:, None].expand(b, h, self.tail_len)
+            keys = torch.cat([keys, self.keys], dim=2)
+            values = torch.cat([values, self.values], dim=2)
+            valid = torch.cat([valid, tail_valid], dim=2)
+        return keys, values, valid
+
+    def held_mean_max(self) -> float:
+        """Tokens per head the longest sequence holds on average (host arithmetic, no sync)."""
+        return self.kept_mean_max + self.decoded
 
     def _reserve(self, extra: int) -> None:
         cap = self._tail_k.shape[2]
@@ -175,8 +258,13 @@ class CompressedLayer(CacheLayerMixin):
                 f"got new states of shape {tuple(key_states.shape)}"
             )
         q = key_states.shape[2]
+        valid, self.pending_valid = self.pending_valid, None
+        if valid is not None and tuple(valid.shape) != (self.batch_size, q):
+            raise ValueError(
+                f"validity of new tokens must be (B, q) = {(self.batch_size, q)}, got {tuple(valid.shape)}"
+            )
         if self.inline:
-            self._append_inline(key_states, value_states)
+            self._append_inline(key_states, value_states, valid)
             self.decoded += q
             return self.keys, self.values
         self._reserve(q)
@@ -184,6 +272,7 @@ class CompressedLayer(CacheLayerMixin):
         self._tail_v[:, :, self.tail_len : self.tail_len + q] = value_states
         self.tail_len += q
         self.decoded += q
+        self._note_tail_valid(valid, q)
         self._sync_views()
         return self.keys, self.values
 
@@ -205,6 +294,11 @@ class CompressedLayer(CacheLayerMixin):
         )
 
     def _dense_only(self, what: str) -> None:
+        if self.owner is not None and getattr(self.owner, "decode_budget", None) is not None:
+            raise NotImplementedError(
+                f"{what} is not supported with press(decode_budget=...): the press's recent queries cannot "
+                "follow reordered sequences; use greedy or sampling generation, or no decode_budget"
+            )
         if self.is_flat:
             raise NotImplementedError(
                 f"{what} is not supported on a head-adaptive (variable-length) compressed cache; "
@@ -216,6 +310,8 @@ class CompressedLayer(CacheLayerMixin):
         self._tail_k = self._tail_k.index_select(0, beam_idx.to(self.device))
         self._tail_v = self._tail_v.index_select(0, beam_idx.to(self.device))
         self.kept_lengths = self.kept_lengths.index_select(0, beam_idx.to(self.device))
+        if self._tail_valid is not None:
+            self._tail_valid = self._tail_valid.index_select(0, beam_idx.to(self.device))
         self._sync_views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -223,6 +319,8 @@ class CompressedLayer(CacheLayerMixin):
         self._tail_k = self._tail_k.repeat_interleave(repeats, dim=0)
         self._tail_v = self._tail_v.repeat_interleave(repeats, dim=0)
         self.kept_lengths = self.kept_lengths.repeat_interleave(repeats, dim=0)
+        if self._tail_valid is not None:
+            self._tail_valid = self._tail_valid.repeat_interleave(repeats, dim=0)
         self.batch_size *= repeats
         self._sync_views()
 
@@ -231,6 +329,8 @@ class CompressedLayer(CacheLayerMixin):
         self._tail_k = self._tail_k[indices]
         self._tail_v = self._tail_v[indices]
         self.kept_lengths = self.kept_lengths[indices]
+        if self._tail_valid is not None:
+            self._tail_valid = self._tail_valid[indices]
         self.batch_size = self._tail_k.shape[0]
         self._sync_views()
 

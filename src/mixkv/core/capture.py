@@ -77,5 +77,7 @@ def build_cache(
         if layer is None:
             layer = DynamicLayer()
             layer.update(cap.keys, cap.values)
+            if owner is not None:
+                owner.adopt(layer)
         cache.layers.append(layer)
     return cache, plans, seconds

@@ -36,3 +36,8 @@ the default of the authors' run scripts (``--beta``), so a third of each head's 
 
 REDUNDANCY = "online"
 """MixKV's head redundancy: from the current prompt (``"online"``) unless a profile is given."""
+
+DECODE_EVERY = 32
+"""``press(decode_budget=...)``: a layer is re-compressed at most once per this many new tokens (it
+grows to ``decode_budget + every`` tokens per head, then is cut back): the copy of the layer a
+re-compression makes is amortised over ``every`` decoding steps."""

@@ -24,11 +24,16 @@ class LayerPrefill:
     ``queries`` ``(B, Hq, W, D)``: the model's own last ``W`` prompt queries (after its rotary
     embedding, Qwen-VL's M-RoPE included). ``keys`` / ``values`` ``(B, H, N, D)``: the layer's
     cache after prefill (keys after RoPE). ``scaling``: the attention's softmax scale.
-    ``valid`` ``(B, N)``: False on (left) padding, None when the batch has none.
+    ``valid`` ``(B, N)``: False on padding, None when the batch has none; or ``(B, H, N)`` when the
+    heads of a sequence hold different tokens (re-compressing a compressed layer: each head's held
+    tokens right-aligned, so the last ``W`` slots are the same, most recent tokens in every head).
     ``image_mask`` ``(B, N)``: True on image tokens (``input_ids == image_token_id``), None for
-    text prompts. No built-in method reads it; it is the hook for modality-aware methods (a
+    text prompts and at re-compressions (later turns, decoding: which held token came from an
+    image is not tracked). No built-in method reads it; it is the hook for modality-aware methods (a
     method that treats visual and text tokens differently reads it from here).
     ``window`` / ``kernel``: the method's observation window and pooling kernel.
+    ``real_length`` ``(B,)``: real tokens of each whole sequence so far when the record holds only
+    part of it (a re-compression); a ``ratio`` budget is a share of it. None: ``n_valid``.
     """
 
     layer_idx: int
@@ -41,6 +46,7 @@ class LayerPrefill:
     kernel: int = defaults.KERNEL
     valid: torch.Tensor | None = None
     image_mask: torch.Tensor | None = None
+    real_length: torch.Tensor | None = None
 
     def for_method(self, window: int, kernel: int) -> LayerPrefill:
         """A fresh record for a method with ``window <= self.window`` (no lazily computed scores shared).
@@ -64,26 +70,32 @@ class LayerPrefill:
 
     @cached_property
     def token_mask(self) -> torch.Tensor:
-        """``(B, N)`` True on real tokens: ``valid``, or all True without padding."""
+        """``(B, 1, N)`` (or ``(B, H, N)`` with per-head ``valid``): True on real tokens."""
         if self.valid is not None:
-            return self.valid
+            return scores.head_mask(self.valid)
         b, _, n, _ = self.keys.shape
-        return torch.ones(b, n, dtype=torch.bool, device=self.keys.device)
+        return torch.ones(b, 1, n, dtype=torch.bool, device=self.keys.device)
 
     @cached_property
     def cand_valid(self) -> torch.Tensor:
-        """``(B, 1, C)``: real candidates (not padding)."""
-        return self.token_mask[:, None, : self.num_candidates]
+        """``(B, 1, C)`` (or ``(B, H, C)``): real candidates (not padding)."""
+        return self.token_mask[..., : self.num_candidates]
 
     @cached_property
     def n_valid(self) -> torch.Tensor:
-        """Real prompt length of each sequence, ``(B,)``."""
-        return self.token_mask.sum(dim=-1)
+        """Real tokens of each sequence, ``(B,)`` (per-head ``valid``: its longest head)."""
+        return self.token_mask.sum(dim=-1).amax(dim=-1)
 
     @cached_property
     def n_cand(self) -> torch.Tensor:
         """Real candidates of each sequence (``n_valid - W``, at least 0), ``(B,)``."""
         return (self.n_valid - self.window).clamp_min(0)
+
+    @cached_property
+    def head_cand(self) -> torch.Tensor:
+        """Real candidates of each (sequence, head), ``(B, H)``: the most a head can keep."""
+        per = (self.token_mask[..., : self.num_candidates].sum(dim=-1))
+        return per.expand(self.keys.shape[0], self.num_kv_heads)
 
     # ---- shared scores --------------------------------------------------------------------------
     @cached_property

@@ -37,8 +37,10 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from . import defaults
 from .attention import make_attention_function
 from .cache import CompressedLayer
+from .held import QueryRing, held_positions, held_tokens
 from .layer import LayerPrefill
 from .methods.base import Method
 from .models import ModelInfo, image_token_mask, inspect_model
@@ -52,12 +54,18 @@ _active_lock = threading.Lock()
 
 @dataclass
 class PressStats:
-    """What the last prefill under the press did (reset at each new prefill)."""
+    """What the press did since the last new prompt (reset when a prefill starts on an empty cache).
+
+    ``layers_compressed`` counts every layer compression: after the prefill, after a later turn's
+    segment (``segments_compressed`` of them) and while decoding (``decode_compressions``).
+    """
 
     compress_seconds: float = 0.0
     layers_compressed: int = 0
     prompt_length: int = 0
     kept_per_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H) kept tokens
+    segments_compressed: int = 0
+    decode_compressions: int = 0
 
 
 class PressSession:
@@ -70,10 +78,13 @@ class PressSession:
 
     def __init__(self, model: nn.Module, method: Method | None, info: ModelInfo, *, record: bool = False,
                  timing: bool = False, capture_window: int | None = None,
-                 on_capture: Callable[[LayerPrefill], None] | None = None):
+                 on_capture: Callable[[LayerPrefill], None] | None = None,
+                 decode_budget: int | None = None, every: int | None = None):
         if (method is None) == (on_capture is None):
             raise ValueError("PressSession: give a method (compress) or on_capture with capture_window (capture)")
         self.model, self.method, self.info = model, method, info
+        self.decode_budget, self.every = check_decode_options(method, decode_budget, every)
+        self.decode_method = method.with_budget(self.decode_budget) if self.decode_budget is not None else None
         self.window = method.window if method is not None else int(capture_window)
         self.kernel = method.kernel if method is not None else 1
         self.on_capture = on_capture
@@ -88,10 +99,18 @@ class PressSession:
         self._saved_impl: str | None = None
         self._registered_model = False
         self._cache = None
-        self._fresh: dict[int, bool] = {}
+        # Per layer, what this forward does to it: "prefill" (compress a first prompt), "fill" (a
+        # first prompt too short to compress), "segment" (compress a later turn's new tokens with
+        # what is kept), "append" (decoding, or a later segment not longer than the window).
+        self._action: dict[int, str] = {}
         self._queries: dict[int, tuple[torch.Tensor, float]] = {}
+        self._rings: dict[int, QueryRing] = {}
+        self._retry_at: dict[int, tuple[object, int]] = {}
+        # Plain (uncompressed) cache layers this press filled: the only ones it may continue.
+        self._owned: weakref.WeakSet = weakref.WeakSet()
         self._input_ids: torch.Tensor | None = None
         self._attention_mask: torch.Tensor | None = None
+        self._new_valid: torch.Tensor | None = None
 
     # ---- attach / detach -------------------------------------------------------------------
     def _claim_model(self) -> None:
@@ -170,8 +189,10 @@ class PressSession:
             AttentionMaskInterface._global_mapping.pop(self._attn_name, None)
             self._attn_name = None
         self._cache = None
-        self._fresh.clear()
+        self._action.clear()
         self._queries.clear()
+        self._rings.clear()
+        self._retry_at.clear()
         self._release_model()
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -180,6 +201,15 @@ class PressSession:
         self._input_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
         mask = kwargs.get("attention_mask")
         self._attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        # Validity of this forward's new tokens (padding of a later, padded turn): None when all real.
+        self._new_valid = None
+        embeds = kwargs.get("inputs_embeds")
+        new = self._input_ids if self._input_ids is not None else embeds
+        if self._attention_mask is not None and isinstance(new, torch.Tensor) and new.dim() >= 2:
+            q = new.shape[1]
+            if self._attention_mask.shape[-1] >= q and not bool(self._attention_mask.all()):
+                tail = self._attention_mask[:, -q:].bool()
+                self._new_valid = None if bool(tail.all()) else tail
         return None
 
     def _attn_pre_hook(self, module, args, kwargs):
@@ -201,16 +231,33 @@ class PressSession:
                 "this KV cache was compressed under another mixkv press; continue it inside the press that "
                 "made it, or start generation with a new cache"
             )
+        q = hidden.shape[1]
         empty = layer is None or (not isinstance(layer, CompressedLayer) and layer.get_seq_length() == 0)
-        self._fresh[idx] = empty and hidden.shape[1] > self.window
-        if empty and idx == 0:
-            self._new_prefill()
+        if empty:
+            if idx == 0:
+                self._new_prefill()
+            self._action[idx] = "prefill" if q > self.window else "fill"
+            return None
+        if self.on_capture is not None:  # capture mode only looks at first prefills
+            self._action.pop(idx, None)
+            return None
+        if isinstance(layer, DynamicLayer) and layer not in self._owned:
+            raise RuntimeError(
+                f"layer {idx} of this KV cache was filled outside this mixkv press (with no press, or under "
+                "another one); a press only continues caches it made: run the whole conversation, from its "
+                "first prompt, inside one `with press(...)` block, or start generation with a new cache"
+            )
+        self._action[idx] = "segment" if q > self.window else "append"
+        if isinstance(layer, CompressedLayer):
+            layer.pending_valid = self._new_valid
         return None
 
     def _new_prefill(self) -> None:
         self.stats = PressStats()
         self.plans = {}
         self.image_mask = None
+        self._rings.clear()
+        self._retry_at.clear()
 
     def layer_for(self, module):
         """The cache layer ``module`` is attending over right now (None without a cache)."""
@@ -221,21 +268,40 @@ class PressSession:
         return cache.layers[idx]
 
     def capture(self, module, query: torch.Tensor, scaling: float) -> None:
-        """Keep the model's own last-``W`` queries of a prefill (after its RoPE / M-RoPE)."""
-        if self._fresh.get(module.layer_idx):
-            self._queries[module.layer_idx] = (query[:, :, -self.window :].detach(), float(scaling))
+        """See every attention call's queries (after the model's RoPE / M-RoPE): keep the last ``W``
+        of a prompt this layer will compress, and the recent ones for decode-time re-compression."""
+        idx = module.layer_idx
+        action = self._action.get(idx)
+        if action in ("prefill", "segment"):
+            self._queries[idx] = (query[:, :, -self.window :].detach(), float(scaling))
+        if self.decode_method is not None and action is not None:
+            ring = self._rings.get(idx)
+            if ring is None:
+                ring = self._rings[idx] = QueryRing(self.window)
+            ring.push(query.detach(), scaling)
 
     def _attn_post_hook(self, module, args, kwargs, output):
         idx = module.layer_idx
-        if not self._fresh.pop(idx, False):
+        action = self._action.pop(idx, None)
+        cache = self._cache
+        if action is None or cache is None or not hasattr(cache, "layers") or idx >= len(cache.layers):
             return None
-        captured = self._queries.pop(idx, None)
-        if captured is None:
-            raise RuntimeError(
-                f"mixkv: layer {idx} ran its prefill without the press's attention function "
-                f"({self.info.text_config._attn_implementation!r}); cannot compress it"
-            )
-        self._on_prefill(idx, self._cache, *captured)
+        if action in ("prefill", "segment"):
+            captured = self._queries.pop(idx, None)
+            if captured is None:
+                raise RuntimeError(
+                    f"mixkv: layer {idx} ran a prompt without the press's attention function "
+                    f"({self.info.text_config._attn_implementation!r}); cannot compress it"
+                )
+            if action == "prefill":
+                self._on_prefill(idx, cache, *captured)
+            else:
+                self._compress(idx, cache, *captured, self.method, "segment")
+        elif action == "append" and self.decode_method is not None:
+            self._maybe_compress_decoded(idx, cache)
+        layer = cache.layers[idx]
+        if isinstance(layer, DynamicLayer) and self.on_capture is None:
+            self._owned.add(layer)
         return None
 
     # ---- compression ----------------------------------------------------------------------------
@@ -270,23 +336,94 @@ class PressSession:
         if self.on_capture is not None:
             self.on_capture(record)
             return
+        positions = held_positions(layer, None, None) if self.record else None
+        self._apply(idx, cache, self.method, record, total, positions)
+
+    def _compress(self, idx: int, cache, queries: torch.Tensor, scaling: float, method: Method, kind: str) -> None:
+        """Re-compress what layer ``idx`` holds now, scored by the last ``W`` ``queries``."""
+        layer = cache.layers[idx]
+        keys, values, valid, logical = held_tokens(layer, self._attention_mask)
+        if queries.shape[2] < self.window or keys.shape[2] <= self.window:
+            return
+        mask = self._attention_mask
+        real = mask.sum(-1).to(keys.device) if mask is not None and mask.shape[-1] == logical else None
+        record = LayerPrefill(
+            layer_idx=idx, num_layers=self.info.num_layers, queries=queries, keys=keys, values=values,
+            scaling=scaling, valid=valid, window=self.window, kernel=self.kernel, real_length=real,
+        )
+        positions = None
+        if self.record:
+            prev = self.plans.get(idx)
+            positions = held_positions(layer, *((prev.indices, prev.lengths) if prev is not None else (None, None)))
+        if self._apply(idx, cache, method, record, logical, positions):
+            if kind == "segment":
+                self.stats.segments_compressed += 1
+            else:
+                self.stats.decode_compressions += 1
+
+    def _maybe_compress_decoded(self, idx: int, cache) -> None:
+        """Decoding: re-compress layer ``idx`` with the decode budget once it holds more than
+        ``decode_budget`` tokens per head and ``every`` tokens came since it was last built.
+
+        After every forward, each layer either got fewer than ``every`` tokens since it was built or
+        holds at most ``decode_budget`` per head (mean over heads, longest sequence); it never holds
+        more than ``max(its allocation, decode_budget) + every``, and it is copied at most once per
+        ``every`` tokens.
+        """
+        layer = cache.layers[idx]
+        if isinstance(layer, CompressedLayer):
+            since, held = layer.decoded, layer.held_mean_max()
+        else:
+            since = held = layer.keys.shape[2]
+        if since < self.every or held <= self.decode_budget:
+            return
+        retry = self._retry_at.get(idx)
+        if retry is not None and retry[0] is layer and since < retry[1]:
+            return  # the last try found that every sequence fits (padding counted above): wait `every`
+        ring = self._rings.get(idx)
+        queries = None if ring is None else ring.ordered()
+        if queries is None:
+            return
+        self._compress(idx, cache, queries, ring.scaling, self.decode_method, "decode")
+        if cache.layers[idx] is layer:
+            self._retry_at[idx] = (layer, since + self.every)
+
+    def _apply(self, idx: int, cache, method: Method, record: LayerPrefill, logical: int,
+               positions: torch.Tensor | None) -> bool:
+        """Compress ``record`` with ``method`` into layer ``idx`` of ``cache``; False when all of it fits."""
+        keys = record.keys
         if self.timing and keys.is_cuda:
             torch.cuda.synchronize(keys.device)
         start = time.perf_counter()
-        new, plan = compress_layer(self.method, record, owner=self, prompt_length=total)
+        new, plan = compress_layer(method, record, owner=self, prompt_length=logical)
         if new is None:
-            return  # every prompt fits its budget: keep the cache exactly as it is
+            return False  # every sequence fits its budget: keep the cache exactly as it is
         cache.layers[idx] = new
         if self.timing and keys.is_cuda:
             torch.cuda.synchronize(keys.device)
         self.stats.compress_seconds += time.perf_counter() - start
-        self.note_plan(idx, plan)
+        self.note_plan(idx, plan, positions)
+        return True
 
-    def note_plan(self, idx: int, plan: KeepPlan) -> None:
+    def adopt(self, layer) -> None:
+        """Let this press continue a plain cache layer built for it elsewhere (:func:`build_cache`)."""
+        if isinstance(layer, DynamicLayer):
+            self._owned.add(layer)
+
+    def note_plan(self, idx: int, plan: KeepPlan, positions: torch.Tensor | None = None) -> None:
+        """Count a layer compression; with ``record``, keep its kept tokens' logical positions.
+
+        ``positions`` ``(B, H, L)``: the logical position of each slot ``plan`` indexes (None: the
+        plan's indices are positions already, as after a first prefill that fills the cache).
+        """
         self.stats.layers_compressed += 1
         self.stats.kept_per_layer[idx] = plan.lengths.detach().cpu()
         if self.record:
-            self.plans[idx] = KeepPlan(plan.indices.detach().cpu(), plan.lengths.detach().cpu())
+            indices, lengths = plan.indices.detach().cpu(), plan.lengths.detach().cpu()
+            if positions is not None:
+                indices = positions.cpu().gather(-1, indices)
+                indices = torch.where(plan.valid().cpu(), indices, torch.zeros_like(indices))
+            self.plans[idx] = KeepPlan(indices, lengths)
 
 
 def compress_layer(method: Method, layer: LayerPrefill, owner: PressSession | None = None,
@@ -306,6 +443,28 @@ def compress_layer(method: Method, layer: LayerPrefill, owner: PressSession | No
     return CompressedLayer(layer.keys, layer.values, plan, prompt_length=length, owner=owner), plan
 
 
+def check_decode_options(method: Method | None, decode_budget, every) -> tuple[int | None, int | None]:
+    """Validate ``press(decode_budget=, every=)``; returns them with ``every``'s default filled in."""
+    if decode_budget is None:
+        if every is not None:
+            raise ValueError("every= only applies with decode_budget=... (tokens per head kept while decoding)")
+        return None, None
+    if method is None:
+        raise ValueError("decode_budget= needs a compression method (not 'full' or a capture)")
+    whole = isinstance(decode_budget, int) and not isinstance(decode_budget, bool)
+    if not whole or not method.window < decode_budget <= 2**31:
+        raise ValueError(
+            f"decode_budget must be an int larger than the window ({method.window}): tokens kept per KV head "
+            f"while decoding, window included; got {decode_budget!r}"
+        )
+    every = defaults.DECODE_EVERY if every is None else every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(
+            f"every must be a positive int (re-compress at most once per `every` new tokens), got {every!r}"
+        )
+    return decode_budget, every
+
+
 def open_session(model: nn.Module, method: Method | None, **kwargs) -> PressSession:
     """Inspect ``model``, validate ``method`` against it and attach a session (caller detaches)."""
     info = inspect_model(model)
@@ -318,21 +477,33 @@ def open_session(model: nn.Module, method: Method | None, **kwargs) -> PressSess
 
 @contextmanager
 def press(model: nn.Module, method="snapkv+mixkv", *, record: bool = False, timing: bool = False,
+          decode_budget: int | None = None, every: int | None = None,
           **method_kwargs) -> Iterator[PressSession | None]:
     """Compress the KV cache of ``model`` at the end of every prefill inside the block.
 
     ``method``: a method object (``MixKV(SnapKV(budget=64))``) or a registry name
     (``"snapkv+mixkv"``, see :func:`mixkv.core.registry.available_methods`) with ``budget=``,
     ``ratio=``, ``window=`` ... as keyword arguments. ``"full"`` (or None) compresses nothing.
-    ``record=True`` keeps the kept positions of the last prompt (``session.plans``) for analysis.
+
+    Later turns: a ``generate`` that continues a cache made inside this block compresses its new
+    prompt segment (when longer than the window) together with what each head kept, into the same
+    budget; positions stay true. A cache made outside this block (no press, or another one) raises.
+
+    ``decode_budget``: also bound the cache while decoding: a layer holding more than
+    ``decode_budget`` tokens per head is re-scored with its last ``W`` queries and cut back to the
+    method's own allocation at that budget, at most once per ``every`` new tokens (default 32).
+
+    ``record=True`` keeps the logical positions each compressed layer kept (``session.plans``).
     Yields the :class:`PressSession` (None for "full"). The model is restored on exit, also on error.
     One press per model at a time (a second one raises).
     """
     resolved = resolve_method(method, **method_kwargs)
     if resolved is None:
+        if decode_budget is not None or every is not None:
+            check_decode_options(None, decode_budget, every)
         yield None
         return
-    session = open_session(model, resolved, record=record, timing=timing)
+    session = open_session(model, resolved, record=record, timing=timing, decode_budget=decode_budget, every=every)
     try:
         yield session
     finally:

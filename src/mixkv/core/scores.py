@@ -3,7 +3,9 @@
 Shapes used throughout:
   ``B`` batch, ``Hq`` query heads, ``H`` KV heads (``G = Hq // H``), ``W`` window,
   ``N`` prompt length (padded), ``C = N - W`` candidate positions, ``D`` head dim.
-``valid`` is a ``(B, N)`` bool mask, False on padding. Every function treats padding as absent:
+``valid`` is a ``(B, N)`` bool mask, False on padding, or ``(B, H, N)`` when the heads of a
+sequence hold different tokens (a compressed layer re-compressed during decoding or at a new
+turn: each head's held tokens, right-aligned, the rest masked). Every function treats padding as absent:
 it never receives probability mass, never enters a min/max or a mean, and scores ``-inf``
 where a score is used for selection (so top-k can never pick it).
 
@@ -18,6 +20,15 @@ import torch.nn.functional as F
 from . import defaults
 
 EPS = defaults.EPS
+
+
+def head_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """``valid`` as ``(B, 1, N)`` or ``(B, H, N)``: one shape that broadcasts against ``(B, H, N)``."""
+    if valid is None or valid.dim() == 3:
+        return valid
+    if valid.dim() != 2:
+        raise ValueError(f"valid must be (B, N) or (B, H, N) bool, got shape {tuple(valid.shape)}")
+    return valid[:, None]
 
 
 def window_attention(
@@ -46,11 +57,13 @@ def window_attention(
     mask = causal.view(1, 1, 1, w, n)
     if valid is None:
         return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).mean(dim=(2, 3))
-    mask = mask & valid.view(b, 1, 1, 1, n)
+    valid = head_mask(valid)
+    hm = valid.shape[1]
+    mask = mask & valid.view(b, hm, 1, 1, n)
     probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
     # A sequence shorter than the window has window queries on padding: they see nothing
     # (NaN rows) and must not count in the mean over the window.
-    q_valid = valid[:, n - w :].view(b, 1, 1, w, 1).to(probs.dtype)
+    q_valid = valid[..., n - w :].reshape(b, hm, 1, w, 1).to(probs.dtype)
     probs = torch.nan_to_num(probs, nan=0.0) * q_valid
     return probs.sum(dim=3).mean(dim=2) / q_valid.sum(dim=3).mean(dim=2).clamp_min(1.0)
 
@@ -87,7 +100,7 @@ def extrinsic_importance(
     n = keys.shape[-2]
     s = pool_scores(attn[..., : n - window], kernel)
     if valid is not None:
-        s = s * valid[:, None, : n - window]
+        s = s * head_mask(valid)[..., : n - window]
     return s
 
 
@@ -143,7 +156,7 @@ def centroid_of(k_hat: torch.Tensor, valid: torch.Tensor | None = None) -> torch
     """Mean of unit vectors ``(B, H, N, D)`` over the real prompt tokens: ``(B, H, D)``."""
     if valid is None:
         return k_hat.mean(dim=-2)
-    m = valid[:, None, :, None].to(k_hat.dtype)
+    m = head_mask(valid)[..., None].to(k_hat.dtype)
     return (k_hat * m).sum(dim=-2) / m.sum(dim=-2).clamp_min(1.0)
 
 
@@ -157,7 +170,7 @@ def diversity_from(k_hat: torch.Tensor, centroid: torch.Tensor, window: int, tar
     """:func:`diversity` from precomputed unit keys and centroid (shared with redundancy)."""
     n = k_hat.shape[-2]
     raw = -torch.matmul(k_hat[..., : n - window, :], centroid[..., None]).squeeze(-1)
-    cand_valid = None if valid is None else valid[:, None, : n - window]
+    cand_valid = None if valid is None else head_mask(valid)[..., : n - window]
     return rescale_to(minmax_normalize(raw, cand_valid), target_mean, cand_valid)
 
 
@@ -182,7 +195,7 @@ def token_count(states: torch.Tensor, valid: torch.Tensor | None = None) -> torc
     """Real tokens per (sequence, head), ``(B, H)`` float."""
     if valid is None:
         return torch.full(states.shape[:2], states.shape[-2], dtype=torch.float32, device=states.device)
-    return valid.sum(dim=-1).float()[:, None].expand(states.shape[:2])
+    return head_mask(valid).sum(dim=-1).float().expand(states.shape[:2])
 
 
 def redundancy(states: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -75,7 +75,7 @@ def plan_keep(method, layer: LayerPrefill) -> KeepPlan:
     counts = keep.sum(-1)
     window_pos = torch.arange(n - w, n, device=layer.keys.device).expand(b, h, w)
     # Short sequences in a padded batch: window positions that are padding are not kept.
-    window_ok = layer.token_mask[:, n - w:][:, None, :].expand(b, h, w)
+    window_ok = layer.token_mask[..., n - w:].expand(b, h, w)
     k = idx.shape[-1]
     total = counts + window_ok.sum(-1)
     lmax = k + w

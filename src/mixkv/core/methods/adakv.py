@@ -36,5 +36,5 @@ class AdaKV(BudgetedMethod):
     def allocate(self, layer: LayerPrefill) -> torch.Tensor:
         return budgets.adakv_counts(
             layer.s_ext, layer.cand_valid, self.candidates_per_sequence(layer), layer.n_cand, self.floor,
-            self.normalize,
+            self.normalize, head_cap=layer.head_cand if layer.token_mask.shape[1] > 1 else None,
         )

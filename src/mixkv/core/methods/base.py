@@ -23,6 +23,7 @@ method is in ``docs/method.md``.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -62,6 +63,10 @@ class Method(ABC):
 
     def validate_for(self, info: ModelInfo) -> None:  # noqa: B027 - optional hook, nothing to check by default
         """Check model-specific settings (profiles) against the model; raise a clear error."""
+
+    def with_budget(self, budget: int) -> Method:
+        """The same method with a fixed ``budget`` per head; needed for ``press(decode_budget=...)``."""
+        raise NotImplementedError(f"{self.name} cannot change its budget; it does not support decode_budget")
 
     def describe(self) -> str:
         return self.name
@@ -126,7 +131,12 @@ class BudgetedMethod(Method):
             raise ValueError(f"{cls}: budget {self.budget} is not a token count (at most 2**31 tokens per head)")
 
     def budget_per_sequence(self, layer: LayerPrefill) -> torch.Tensor:
-        return resolve_budget(layer.n_valid, self.budget, self.ratio, self.window)
+        length = layer.n_valid if layer.real_length is None else layer.real_length.to(layer.n_valid.device)
+        return resolve_budget(length, self.budget, self.ratio, self.window)
+
+    def with_budget(self, budget: int) -> BudgetedMethod:
+        """The same method with a fixed ``budget`` per head (the budget while decoding)."""
+        return dataclasses.replace(self, budget=budget, ratio=None)
 
     def candidates_per_sequence(self, layer: LayerPrefill) -> torch.Tensor:
         """Candidates kept per head on average (``budget - W``), ``(B,)``."""
@@ -184,6 +194,9 @@ class ScoreWrapper(Method):
 
     def allocate(self, layer: LayerPrefill) -> torch.Tensor:
         return self.base.allocate(layer)
+
+    def with_budget(self, budget: int) -> ScoreWrapper:
+        return dataclasses.replace(self, base=self.base.with_budget(budget))
 
     def validate_for(self, info: ModelInfo) -> None:
         self.base.validate_for(info)

@@ -35,10 +35,11 @@ class RandomKV(BudgetedMethod):
         b, h, _, _ = layer.keys.shape
         c = layer.num_candidates
         device = layer.keys.device
-        pad = layer.token_mask.shape[-1] - layer.n_valid  # left padding of each sequence, (B,)
-        rel = torch.arange(c, device=device)[None, :] - pad[:, None]  # position inside the real prompt
+        # Rank among the real tokens (the position in the real prompt at a first prefill): the same
+        # alone and inside a padded batch.
+        rel = layer.token_mask[..., :c].long().cumsum(-1) - 1  # (B, 1 or H, C)
         heads = torch.arange(h, device=device)[None, :, None]
-        draw = hash_uniform(self.seed, layer.layer_idx, heads, rel[:, None, :])
+        draw = hash_uniform(self.seed, layer.layer_idx, heads, rel)
         return draw.masked_fill(~layer.cand_valid.expand(b, h, c), float("-inf"))
 
 

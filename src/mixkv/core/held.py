@@ -1,0 +1,97 @@
+"""What a press re-compresses after the first prefill: a layer's held tokens as one record.
+
+A layer is re-compressed when a later turn brings a new prompt segment longer than the window,
+and (with ``press(decode_budget=...)``) while decoding. Either way the method sees what the layer
+holds now (kept tokens, decoded tokens, the new segment) as a :class:`~mixkv.core.layer.LayerPrefill`
+whose window is the last ``W`` tokens, scored by their own queries. Heads of a compressed layer hold
+different tokens, so the record carries a per-head validity mask; every head ends with the same
+most recent tokens (the window, decoded tokens and new segments are in every head).
+
+:class:`QueryRing` keeps the last ``W`` queries of a layer while decoding, written in place (no copy
+per step), for decode-time re-compression.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .cache import CompressedLayer
+
+
+class QueryRing:
+    """The last ``window`` queries ``(B, Hq, ., D)`` one layer saw, oldest first when read."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.buffer: torch.Tensor | None = None
+        self.pointer = 0
+        self.count = 0
+        self.scaling = 1.0
+
+    def push(self, query: torch.Tensor, scaling: float) -> None:
+        b, hq, q, d = query.shape
+        w = self.window
+        self.scaling = float(scaling)
+        if self.buffer is None or self.buffer.shape[:2] != (b, hq) or self.buffer.shape[-1] != d:
+            self.buffer = query.new_zeros(b, hq, w, d)
+            self.pointer = self.count = 0
+        if q >= w:
+            self.buffer.copy_(query[:, :, -w:])
+            self.pointer, self.count = 0, w
+            return
+        slots = (self.pointer + torch.arange(q, device=query.device)) % w
+        self.buffer[:, :, slots] = query.detach()
+        self.pointer = (self.pointer + q) % w
+        self.count = min(w, self.count + q)
+
+    def ordered(self) -> torch.Tensor | None:
+        """``(B, Hq, W, D)`` oldest first, or None before ``W`` queries were seen."""
+        if self.buffer is None or self.count < self.window:
+            return None
+        return torch.roll(self.buffer, shifts=-self.pointer, dims=2)
+
+
+def held_tokens(layer, mask2d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """``keys``, ``values`` ``(B, H, L, D)``, validity and the logical length of what ``layer`` holds.
+
+    ``mask2d`` ``(B, T)``: the forward's 2-D attention mask over the whole conversation (None: no
+    padding); a plain layer's padding is read from it. Validity is None when every token is real.
+    """
+    if isinstance(layer, CompressedLayer):
+        keys, values, valid = layer.held_view()
+        return keys, values, valid, layer.get_seq_length()
+    if not isinstance(layer, DynamicLayer):
+        raise TypeError(f"cannot re-compress a {type(layer).__name__}")
+    keys, values = layer.keys, layer.values
+    stored = keys.shape[2]
+    total = int(getattr(layer, "cumulative_length", 0) or stored)
+    valid = None
+    if mask2d is not None and mask2d.shape[-1] == total:
+        valid = mask2d[:, total - stored :].to(device=keys.device).bool()
+        valid = None if bool(valid.all()) else valid
+    return keys, values, valid, total
+
+
+def held_positions(layer, kept: torch.Tensor | None, kept_lengths: torch.Tensor | None) -> torch.Tensor | None:
+    """Logical positions ``(B, H, L)`` of the slots of :func:`held_tokens` (-1 on fill), for records.
+
+    ``kept`` ``(B, H, K)`` / ``kept_lengths`` ``(B, H)``: the logical positions a compressed layer kept
+    when it was built (its recorded plan). None when they are unknown.
+    """
+    if isinstance(layer, CompressedLayer):
+        if kept is None:
+            return None
+        b, h, _ = kept.shape
+        width = int(kept_lengths.max()) if kept_lengths.numel() else 0
+        slots = torch.arange(width)
+        fill = width - kept_lengths[..., None]  # right-aligned, as held_view lays them out
+        src = (slots - fill).clamp_min(0)
+        prompt = torch.where(slots >= fill, kept.gather(-1, src.clamp_max(max(kept.shape[-1] - 1, 0))),
+                             torch.full_like(src, -1))
+        tail = (layer.prompt_length + torch.arange(layer.decoded)).expand(b, h, layer.decoded)
+        return torch.cat([prompt, tail], dim=-1)
+    keys = layer.keys
+    b, h, stored, _ = keys.shape
+    total = int(getattr(layer, "cumulative_length", 0) or stored)
+    return (total - stored + torch.arange(stored)).expand(b, h, stored)

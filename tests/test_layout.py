@@ -14,6 +14,7 @@ FORBIDDEN = {
     "core": {"lab", "cli", "testbeds"},
     "testbeds": {"lab", "cli"},
     "lab": {"cli"},
+    "serving": {"lab", "cli", "testbeds"},
 }
 
 

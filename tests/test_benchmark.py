@@ -58,3 +58,29 @@ def test_throughput_rows():
     rows = throughput(model, inputs, ["full", "snapkv+mixkv", "adakv+mixkv"], budget=20, window=4, steps=2)
     assert [r["method"] for r in rows] == ["full", "snapkv+mixkv", "adakv+mixkv"]
     assert all(r["batch"] == 3 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_long_answer_rows_bound_the_cache_with_a_decode_budget(tmp_path):
+    """`bench --long-answer`: KV bytes every step; with a decode budget the cache stops growing."""
+    from mixkv.core.capture import capture_prefill
+    from mixkv.lab.figures import plot_long_answer
+    from mixkv.lab.long_answer import long_answer
+
+    model = make_model("llama")
+    inputs = make_inputs(model, "llama", text_len=60, image=False)
+    prefill = capture_prefill(model, inputs, window=4)
+    configs = [("full", None), ("snapkv+mixkv", None), ("snapkv+mixkv", 24), ("adakv", 24)]
+    rows = long_answer(model, prefill, configs, budget=20, window=4, every=4, new_tokens=40, repeats=2)
+    by = {(r.method, r.decode_budget): r for r in rows}
+    per_token = 2 * 2 * 16 * 2 * 4  # layers x KV heads x dims x (K, V) x fp32 bytes
+    full = by[("full", None)]
+    assert full.kv_mib_trace[0] * 2**20 == 60 * per_token and len(full.kv_mib_trace) == 40  # after prefill + 39 steps
+    assert full.same_as_full == full.new_tokens == 40
+    grows = by[("snapkv+mixkv", None)]
+    assert grows.kv_mib_end * 2**20 == (20 + 39) * per_token and grows.decode_compressions == 0
+    for key in (("snapkv+mixkv", 24), ("adakv", 24)):
+        bounded = by[key]
+        assert bounded.decode_compressions > 0 and bounded.recompress_ms_per_token > 0
+        assert bounded.kv_mib_peak * 2**20 < (24 + 4) * per_token  # decode budget + every, never more
+        assert bounded.ms_per_token > 0 and 0 <= bounded.same_as_full <= 40
+    assert plot_long_answer(rows, tmp_path / "long.png").stat().st_size > 0

@@ -1,5 +1,6 @@
 """``mixkv bench``: speed and memory per method and context length; ``--micro`` for the
-variable-length decode-attention microbenchmark."""
+variable-length decode-attention microbenchmark, ``--throughput`` for batched decoding,
+``--long-answer`` for compression while decoding."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import time
 import torch
 
 from ..core import defaults
+from ..core.capture import capture_prefill
 from ..core.registry import make_method
 from ..lab import report
 from ..lab.benchmark import LAYOUTS, bench_context, micro_decode_step, parse_layout, rows_to_dicts, throughput
+from ..lab.long_answer import long_answer
+from ..lab.long_answer import rows_to_dicts as long_answer_dicts
 from ..testbeds import sources
 from ..testbeds import tasks as task_suite
 from .common import check_outputs, machine_description, parse_list, positive_int, setup_threads, write_json
@@ -39,6 +43,14 @@ def add_parser(sub) -> None:
     p.add_argument("--throughput", action="store_true",
                    help="tokens/s of a batch of long prompts decoded together (with --batch, --contexts)")
     p.add_argument("--batch", type=positive_int, default=8, help="--throughput: prompts decoded together")
+    p.add_argument("--long-answer", action="store_true",
+                   help="decode a long answer after one prompt (first of --contexts): each method with and "
+                        "without --decode-budget, KV bytes every step, time per token, agreement with full")
+    p.add_argument("--new-tokens", type=positive_int, default=512, help="--long-answer: tokens decoded")
+    p.add_argument("--decode-budget", type=positive_int, default=256,
+                   help="--long-answer: tokens per head kept while decoding")
+    p.add_argument("--every", type=positive_int, default=defaults.DECODE_EVERY,
+                   help="--long-answer: re-compress a layer at most once per this many tokens")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of decode time and KV bytes vs context")
     p.set_defaults(run=run)
@@ -56,6 +68,8 @@ def run(args) -> int:
         return run_micro(args)
     if args.throughput:
         return run_throughput(args)
+    if args.long_answer:
+        return run_long_answer(args)
     methods = parse_list(args.methods)
     for name in methods:  # bad names and budgets fail here, before the model loads
         make_method(name, budget=args.budget, window=args.window)
@@ -166,4 +180,47 @@ def run_throughput(args) -> int:
     print(f"\n{args.model}, budget {args.budget}; {machine}, {threads} threads")
     if args.json:
         print(f"wrote {write_json({'throughput': rows, 'machine': machine, 'threads': threads}, args.json)}")
+    return 0
+
+
+def run_long_answer(args) -> int:
+    """One prompt, a long greedy answer: full vs each method with and without a decode budget."""
+    methods = [m for m in parse_list(args.methods) if m != "full"]
+    for name in methods:
+        make_method(name, budget=args.budget, window=args.window).with_budget(args.decode_budget)
+    if args.decode_budget <= args.window:
+        raise ValueError(f"--decode-budget ({args.decode_budget}) must be larger than the window ({args.window})")
+    context = parse_list(args.contexts, int)[0]
+    if context <= args.budget:
+        raise ValueError(f"the context ({context}) must exceed the budget ({args.budget}) or nothing is compressed")
+    sources.check_model_name(args.model)
+    threads = setup_threads(args.threads)
+    machine = machine_description()
+    start = time.perf_counter()
+    model, tokenizer = sources.load(args.model, args.dtype, device=args.device)
+    inputs = {k: v.to(model.device) for k, v in _prompt(tokenizer, context).items()}
+    prefill = capture_prefill(model, inputs, args.window)
+    configs = [("full", None)] + [(m, d) for m in methods for d in (None, args.decode_budget)]
+    rows = long_answer(model, prefill, configs, args.budget, args.window, args.every, args.new_tokens, args.repeats,
+                       progress=lambda msg: print(f"  {msg} ({time.perf_counter() - start:.0f} s)", flush=True))
+    print(report.format_table(
+        ["method", "decode budget", "decode ms/tok", "median", "re-compress ms/tok", "re-compressions",
+         "KV MiB start", "KV MiB peak", "KV MiB end", "same as full"],
+        [[r.method, r.decode_budget or "-", f"{r.ms_per_token:.1f}", f"{r.ms_per_token_median:.1f}",
+          f"{r.recompress_ms_per_token:.2f}", r.decode_compressions, f"{r.kv_mib_start:.2f}", f"{r.kv_mib_peak:.2f}",
+          f"{r.kv_mib_end:.2f}", f"{r.same_as_full}/{r.new_tokens}"] for r in rows]))
+    print(f"\n{args.model}, prompt {prefill.prompt_length} tokens, budget {args.budget}, every {args.every}; "
+          f"{machine}, {threads} threads, {args.repeats} round-robin repeats, {time.perf_counter() - start:.0f} s")
+    payload = {"model": args.model, "long_answer": long_answer_dicts(rows),
+               "config": {"prompt_tokens": prefill.prompt_length, "budget": args.budget, "window": args.window,
+                          "every": args.every, "decode_budget": args.decode_budget, "new_tokens": args.new_tokens,
+                          "repeats": args.repeats, "dtype": args.dtype, "threads": threads, "machine": machine}}
+    if args.json:
+        print(f"wrote {write_json(payload, args.json)}")
+    if args.plot:
+        from ..lab.figures import plot_long_answer
+
+        title = (f"{args.model}: {prefill.prompt_length}-token prompt, budget {args.budget}, "
+                 f"{args.new_tokens} new tokens")
+        print(f"wrote {plot_long_answer(rows, args.plot, title)}")
     return 0

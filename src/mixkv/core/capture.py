@@ -66,6 +66,8 @@ def build_cache(
     seconds = 0.0
     for cap in prefill.layers:
         layer = None
+        if owner is not None:
+            owner.seed_queries(cap.layer_idx, cap.queries, cap.scaling)
         if method is not None:
             start = time.perf_counter()
             layer, plan = compress_layer(method, cap, owner=owner, prompt_length=prefill.prompt_length)

@@ -40,9 +40,13 @@ class QueryRing:
             self.buffer.copy_(query[:, :, -w:])
             self.pointer, self.count = 0, w
             return
-        slots = (self.pointer + torch.arange(q, device=query.device)) % w
-        self.buffer[:, :, slots] = query.detach()
-        self.pointer = (self.pointer + q) % w
+        end = self.pointer + q
+        if end <= w:  # the usual decoding step: one slice copy, no index tensor
+            self.buffer[:, :, self.pointer : end] = query
+        else:
+            slots = (self.pointer + torch.arange(q, device=query.device)) % w
+            self.buffer[:, :, slots] = query
+        self.pointer = end % w
         self.count = min(w, self.count + q)
 
     def ordered(self) -> torch.Tensor | None:

@@ -105,7 +105,7 @@ class PressSession:
         self._action: dict[int, str] = {}
         self._queries: dict[int, tuple[torch.Tensor, float]] = {}
         self._rings: dict[int, QueryRing] = {}
-        self._retry_at: dict[int, tuple[object, int]] = {}
+        self._retry_at: dict[int, tuple[weakref.ref, int]] = {}
         # Plain (uncompressed) cache layers this press filled: the only ones it may continue.
         self._owned: weakref.WeakSet = weakref.WeakSet()
         self._input_ids: torch.Tensor | None = None
@@ -378,7 +378,7 @@ class PressSession:
         if since < self.every or held <= self.decode_budget:
             return
         retry = self._retry_at.get(idx)
-        if retry is not None and retry[0] is layer and since < retry[1]:
+        if retry is not None and retry[0]() is layer and since < retry[1]:
             return  # the last try found that every sequence fits (padding counted above): wait `every`
         ring = self._rings.get(idx)
         queries = None if ring is None else ring.ordered()
@@ -386,7 +386,7 @@ class PressSession:
             return
         self._compress(idx, cache, queries, ring.scaling, self.decode_method, "decode")
         if cache.layers[idx] is layer:
-            self._retry_at[idx] = (layer, since + self.every)
+            self._retry_at[idx] = (weakref.ref(layer), since + self.every)  # weak: never keep a layer alive
 
     def _apply(self, idx: int, cache, method: Method, record: LayerPrefill, logical: int,
                positions: torch.Tensor | None) -> bool:
@@ -404,6 +404,13 @@ class PressSession:
         self.stats.compress_seconds += time.perf_counter() - start
         self.note_plan(idx, plan, positions)
         return True
+
+    def seed_queries(self, idx: int, queries: torch.Tensor, scaling: float) -> None:
+        """Give layer ``idx``'s decode-time ring the prefill's window queries (a cache built elsewhere,
+        :func:`build_cache`), so decode re-compression can start before ``W`` tokens were decoded."""
+        if self.decode_method is not None:
+            ring = self._rings.setdefault(idx, QueryRing(self.window))
+            ring.push(queries[:, :, -self.window :].detach(), scaling)
 
     def adopt(self, layer) -> None:
         """Let this press continue a plain cache layer built for it elsewhere (:func:`build_cache`)."""

@@ -109,3 +109,20 @@ def plot_accuracy(results: list[dict], path: str | Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return save_figure(fig, path)
+
+
+def plot_long_answer(rows, path: str | Path, title: str = "") -> Path:
+    """KV MiB held after every decoded token, one line per configuration (full, method, method with a
+    decode budget): a bounded cache is a flat line; the legend gives the amortised ms per token."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.4), dpi=110)
+    for r in rows:
+        style = "--" if r.method == "full" else ("-" if r.decode_budget is not None else ":")
+        ax.plot(range(len(r.kv_mib_trace)), r.kv_mib_trace, style, label=f"{r.label}: {r.ms_per_token:.0f} ms/token")
+    ax.set_xlabel("decoded tokens")
+    ax.set_ylabel("KV cache held (MiB)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)

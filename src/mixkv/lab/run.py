@@ -26,11 +26,13 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def greedy_decode(model, cache, first_token: int, max_new_tokens: int, eos_token_ids: set[int] | None = None,
-                  step_seconds: list[float] | None = None) -> list[int]:
+                  step_seconds: list[float] | None = None, on_step: Callable[[object], None] | None = None
+                  ) -> list[int]:
     """Greedy decoding of one sequence from a (compressed) cache; returns the new token ids.
 
     ``first_token`` comes from the prefill's last logits; each further step feeds the previous
-    token. With ``step_seconds`` every step's wall time is appended (synchronised on CUDA).
+    token. With ``step_seconds`` every step's wall time is appended (synchronised on CUDA);
+    ``on_step(cache)`` runs after each step, outside the timing.
     """
     eos = eos_token_ids or set()
     token = int(first_token)
@@ -45,6 +47,8 @@ def greedy_decode(model, cache, first_token: int, max_new_tokens: int, eos_token
         if step_seconds is not None:
             _sync(device)
             step_seconds.append(time.perf_counter() - start)
+        if on_step is not None:
+            on_step(cache)
         out.append(token)
     return out
 
@@ -61,15 +65,20 @@ class MethodRun:
     step_seconds: list[float] = field(default_factory=list)
     attention_paths: set[str] = field(default_factory=set)
     cache: object = None  # kept only with keep_cache=True
+    decode_compressions: int = 0  # layer re-compressions while decoding (decode_budget)
+    decode_compress_seconds: float = 0.0
 
 
 def run_method(model, prefill: Prefill, method: Method | None, max_new_tokens: int,
                eos_token_ids: set[int] | None = None, *, time_steps: bool = False,
-               keep_cache: bool = False, on_cache: Callable[[object], None] | None = None) -> MethodRun:
+               keep_cache: bool = False, on_cache: Callable[[object], None] | None = None,
+               on_step: Callable[[object], None] | None = None, decode_budget: int | None = None,
+               every: int | None = None) -> MethodRun:
     """Build ``method``'s cache from ``prefill`` (the full cache for None) and decode greedily.
 
     ``on_cache(cache)`` is called once the cache is built, before the first decoded token (for
-    measurements of the cache as the prefill left it).
+    measurements of the cache as the prefill left it); ``on_step(cache)`` after each step.
+    ``decode_budget`` / ``every``: compression while decoding (see :func:`mixkv.core.press.press`).
     """
     steps: list[float] | None = [] if time_steps else None
     first = int(prefill.logits[0].argmax())
@@ -80,10 +89,11 @@ def run_method(model, prefill: Prefill, method: Method | None, max_new_tokens: i
         if on_cache is not None:
             on_cache(cache)
         start = time.perf_counter()
-        tokens = greedy_decode(model, cache, first, max_new_tokens, eos_token_ids, steps)
+        tokens = greedy_decode(model, cache, first, max_new_tokens, eos_token_ids, steps, on_step)
         paths: set[str] = set()
+        recompressions, recompress_secs = 0, 0.0
     else:
-        with press(model, method) as session:
+        with press(model, method, decode_budget=decode_budget, every=every) as session:
             _sync(device)
             t0 = time.perf_counter()
             cache, plans, _ = build_cache(prefill, method, session)
@@ -93,7 +103,11 @@ def run_method(model, prefill: Prefill, method: Method | None, max_new_tokens: i
             if on_cache is not None:
                 on_cache(cache)
             start = time.perf_counter()
-            tokens = greedy_decode(model, cache, first, max_new_tokens, eos_token_ids, steps)
+            before = session.stats.compress_seconds
+            tokens = greedy_decode(model, cache, first, max_new_tokens, eos_token_ids, steps, on_step)
             paths = set(session.attention_paths)
+            recompressions = session.stats.decode_compressions
+            recompress_secs = session.stats.compress_seconds - before
     decode = time.perf_counter() - start
-    return MethodRun(tokens, plans, nbytes, secs, decode, steps or [], paths, cache if keep_cache else None)
+    return MethodRun(tokens, plans, nbytes, secs, decode, steps or [], paths, cache if keep_cache else None,
+                     recompressions, recompress_secs)

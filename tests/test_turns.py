@@ -425,3 +425,37 @@ def test_per_head_masks_score_each_head_as_if_alone(seed, batch, heads, group, l
                 torch.testing.assert_close(real, draw)
             else:
                 torch.testing.assert_close(real, want, atol=1e-5, rtol=1e-5)
+
+
+# ---- every supported architecture --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava",
+                                  "llava_next", "internvl"])
+def test_a_second_turn_on_every_architecture(arch):
+    """Turn 1 with an image (VLMs), turn 2 a text segment longer than the window on the same cache: with a
+    budget that covers everything the answers equal the model's without a press; with a small one the
+    segment is compressed and the cache keeps its logical length."""
+    from zoo import make_inputs as zoo_inputs
+    from zoo import make_model as zoo_model
+
+    model = zoo_model(arch)
+    inputs = zoo_inputs(model, arch, text_len=24, seed=3)
+    n = inputs["input_ids"].shape[1]
+    extra = torch.arange(20, 40)[None]
+
+    def two_turns(budget):
+        out = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True)
+        ids = torch.cat([out.sequences, extra], 1)
+        turn = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=out.past_key_values,
+                              max_new_tokens=4, return_dict_in_generate=True)
+        return turn.sequences, turn.past_key_values
+
+    plain, _ = two_turns(None)
+    with press(model, "snapkv+mixkv", budget=n + 64, window=WINDOW) as session:
+        same, _ = two_turns(n + 64)
+        assert session.stats.layers_compressed == 0
+    assert torch.equal(same, plain)
+    with press(model, "adakv+mixkv", budget=12, window=WINDOW) as session:
+        seqs, cache = two_turns(12)
+        assert session.stats.segments_compressed == model.config.get_text_config().num_hidden_layers
+    assert seqs.shape == plain.shape and cache.get_seq_length() == plain.shape[1] - 1

@@ -35,15 +35,17 @@ def test_generator_known_values_do_not_drift():
     assert [x.task for x in gen.make_samples(6)] == ["colour", "shape", "text"] * 2
 
 
+@pytest.mark.parametrize("grid", [gen.GRID, 24])
 @pytest.mark.parametrize("task", gen.TASKS)
-def test_sample_fields_point_at_the_answer(task):
+def test_sample_fields_point_at_the_answer(task, grid):
+    size, patches = grid * gen.CELL, grid * grid
     for seed in range(20):
-        s = gen.make_sample(seed, task)
+        s = gen.make_sample(seed, task, grid=grid)
         img = s.image
-        assert img.size == (gen.IMAGE_SIZE, gen.IMAGE_SIZE)
+        assert img.size == (size, size)
         words = gen.cell_words(s.scene)
-        assert len(words) == gen.NUM_PATCHES
-        assert s.answer_patches == tuple(r * gen.GRID + c for r, c in s.answer_cells)
+        assert len(words) == patches
+        assert s.answer_patches == tuple(r * grid + c for r, c in s.answer_cells)
         shown = [words[p] for p in s.answer_patches]
         if task == "colour":
             assert shown == [f"{s.answer} {s.question.split()[-1].rstrip('?')}"]
@@ -51,17 +53,63 @@ def test_sample_fields_point_at_the_answer(task):
             assert shown == [f"{s.question.split()[-1].rstrip('?')} {s.answer}"]
         elif task == "text":
             assert "".join(shown) == s.answer and len(s.answer) == gen.CODE_LENGTH
+        elif task == "ground":
+            (r, c), = s.answer_cells
+            assert s.answer == f"{r + 1},{c + 1}" and shown == [s.question.removeprefix("Where is the ").rstrip("?")]
         else:
             assert len(shown) == int(s.answer) and all(" " in w for w in shown)
-        assert all(r < gen.ELEMENT_ROWS for r, _ in s.answer_cells)
+        assert all(r < grid - 1 for r, _ in s.answer_cells)
         # the answer cells differ from background; background cells are pixel-identical
-        cells = {p: img.crop(((p % gen.GRID) * gen.CELL, (p // gen.GRID) * gen.CELL,
-                              (p % gen.GRID + 1) * gen.CELL, (p // gen.GRID + 1) * gen.CELL)).tobytes()
-                 for p in range(gen.NUM_PATCHES)}
-        blank = {cells[p] for p in range(gen.NUM_PATCHES) if words[p] == "blank"}
+        cells = {p: img.crop(((p % grid) * gen.CELL, (p // grid) * gen.CELL,
+                              (p % grid + 1) * gen.CELL, (p // grid + 1) * gen.CELL)).tobytes()
+                 for p in range(patches)}
+        blank = {cells[p] for p in range(patches) if words[p] == "blank"}
         assert len(blank) == 1
         assert all(cells[p] not in blank for p in s.answer_patches)
         assert gen.score(s, s.reply) == 1.0
+
+
+def test_a_grid_of_16_gives_the_scenes_the_shipped_model_was_evaluated_on():
+    """Pinned: images and replies of seeds 0..11 (hash taken before the grid became a parameter)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in range(12):
+        s = gen.make_sample(i, gen.DEFAULT_TASKS[i % 3])
+        h.update(s.image.tobytes() + s.reply.encode())
+    assert h.hexdigest() == "d6666e19a858a2ba4bc1d7d5f9e4d3137ba30e164550c24dfee445ba23c85ca4"
+
+
+def test_larger_grids_are_deterministic_and_use_the_whole_board():
+    a, b = gen.make_samples(30, seed=0, tasks=gen.TASKS, grid=24), gen.make_samples(30, seed=0, tasks=gen.TASKS,
+                                                                                     grid=24)
+    assert [(x.question, x.reply, x.answer_cells) for x in a] == [(x.question, x.reply, x.answer_cells) for x in b]
+    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(a[:5], b[:5], strict=True))
+    cells = [cell for x in gen.make_samples(200, seed=0, tasks=("ground",), grid=24) for cell in x.answer_cells]
+    assert max(r for r, _ in cells) >= 16 and max(c for _, c in cells) >= 16  # beyond the 16 x 16 board
+    with pytest.raises(ValueError, match="grid must be"):
+        gen.make_scene(0, grid=3)
+
+
+def test_grounding_is_scored_exactly_and_within_one_cell():
+    s = gen.make_sample(4, "ground", grid=24)
+    r, c = (int(x) for x in s.answer.split(","))
+    colour_shape = s.question.removeprefix("Where is the ").rstrip("?")
+    assert s.reply == f"The {colour_shape} is in row {r}, column {c}."
+    cases = {  # reply -> (exact, within one cell)
+        s.reply: (1.0, 1.0),
+        f"row {r + 1}, column {c}": (0.0, 1.0),
+        f"It is at {r - 1}, {c + 1}.": (0.0, 1.0),
+        f"row {r + 2}, column {c}": (0.0, 0.0),
+        f"row {r}, column {c + 2}": (0.0, 0.0),
+        f"row {r}": (0.0, 0.0),
+        "nowhere": (0.0, 0.0),
+        f"row {r}, column {c}, or row 1, column 1": (1.0, 1.0),  # the first two numbers count
+    }
+    for reply, (exact, near) in cases.items():
+        assert (gen.score(s, reply), gen.score_near(s, reply)) == (exact, near), reply
+    count = gen.make_sample(4, "count", grid=24)
+    assert gen.score_near(count, count.reply) == gen.score(count, count.reply) == 1.0
 
 
 def test_score_takes_the_first_candidate():

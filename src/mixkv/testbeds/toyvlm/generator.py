@@ -19,6 +19,12 @@ Tasks (``TASKS``)
 ``text``    "What does the text say?"         -> "The text says K7P2."       (answer ``K7P2``)
 ``count``   "How many shapes are there?"      -> "There are 4 shapes."       (answer ``4``; not trained
             by default, see the model card)
+``ground``  "Where is the red star?"          -> "The red star is in row 5, column 12."  (answer ``5,12``,
+            1-based; scored exactly by :func:`score` and within one cell by :func:`score_near`, as
+            ScreenSpot counts a click inside the target box; not trained by the shipped model)
+
+The grid size is a property of each scene (``make_scene(seed, grid=24)``: 576 visual tokens, the regime
+of the paper's document and GUI benchmarks); the shipped toy VLM uses ``GRID`` = 16.
 
 Replies start with fixed words ("The ...") on purpose: the first generated token comes from the
 prefill, which always sees the full prompt, so the informative token must come after it for a
@@ -58,6 +64,7 @@ __all__ = [
     "questions_for",
     "render",
     "score",
+    "score_near",
 ]
 
 GRID = 16  # cells per side -> GRID * GRID = 256 visual tokens
@@ -78,7 +85,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "brown": (130, 80, 30),
 }
 SHAPES = ("star", "circle", "square", "triangle", "heart", "cross", "diamond")
-TASKS = ("colour", "shape", "text", "count")
+TASKS = ("colour", "shape", "text", "count", "ground")
 DEFAULT_TASKS = ("colour", "shape", "text")
 
 # 5x7 pixel font, drawn at 2x (10x14 pixels) in a 16-pixel cell. Letters that look like digits
@@ -134,7 +141,11 @@ class Element:
 
     @property
     def patch(self) -> int:
-        return self.row * GRID + self.col
+        """Index among a ``GRID`` x ``GRID`` image's visual tokens (see :meth:`patch_in` for other grids)."""
+        return self.patch_in(GRID)
+
+    def patch_in(self, grid: int) -> int:
+        return self.row * grid + self.col
 
     @property
     def words(self) -> str:
@@ -150,6 +161,15 @@ class Scene:
     background: tuple[int, int, int]
     texture: str
     elements: tuple[Element, ...]
+    grid: int = GRID
+
+    @property
+    def image_size(self) -> int:
+        return self.grid * CELL
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
 
     @property
     def shapes(self) -> tuple[Element, ...]:
@@ -184,7 +204,7 @@ class Sample:
 
     @property
     def answer_patches(self) -> tuple[int, ...]:
-        return tuple(r * GRID + c for r, c in self.answer_cells)
+        return tuple(r * self.scene.grid + c for r, c in self.answer_cells)
 
     @property
     def image(self) -> Image.Image:
@@ -200,8 +220,15 @@ class Sample:
 # scenes
 
 
-def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5)) -> Scene:
-    """A random scene: ``n_shapes`` (inclusive range) shapes of distinct kinds and colours plus one code."""
+def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID) -> Scene:
+    """A random scene on a ``grid`` x ``grid`` board: ``n_shapes`` (inclusive range) shapes of distinct
+    kinds and colours plus one code. ``grid=GRID`` gives exactly the scenes the shipped model knows."""
+    if not isinstance(grid, int) or grid < CODE_LENGTH + 2:
+        raise ValueError(f"grid must be an int >= {CODE_LENGTH + 2} cells per side, got {grid!r}")
+    lo, hi = n_shapes
+    if not 1 <= lo <= hi <= len(SHAPES):
+        raise ValueError(f"n_shapes must be a range within 1..{len(SHAPES)} (distinct kinds), got {n_shapes!r}")
+    element_rows = grid - 1  # no element in the last row (it falls in the window of short prompts)
     rng = random.Random(seed)
     background = rng.choice(_BACKGROUNDS)
     texture = rng.choice(_TEXTURES)
@@ -210,8 +237,8 @@ def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5)) -> Scene:
     def free(r: int, c: int) -> bool:  # the cell and its 8 neighbours are empty
         return all((r + dr, c + dc) not in occupied for dr in (-1, 0, 1) for dc in (-1, 0, 1))
 
-    row = rng.randrange(ELEMENT_ROWS)
-    col = rng.randrange(GRID - CODE_LENGTH + 1)
+    row = rng.randrange(element_rows)
+    col = rng.randrange(grid - CODE_LENGTH + 1)
     chars = [rng.choice(LETTERS) if i % 2 == 0 else rng.choice(DIGITS) for i in range(CODE_LENGTH)]
     elements = [Element("glyph", row, col + i, ch) for i, ch in enumerate(chars)]
     occupied.update((row, col + i) for i in range(CODE_LENGTH))
@@ -221,13 +248,13 @@ def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5)) -> Scene:
     colours = rng.sample(sorted(COLOURS), k)
     for kind, colour in zip(kinds, colours):
         while True:
-            r, c = rng.randrange(ELEMENT_ROWS), rng.randrange(GRID)
+            r, c = rng.randrange(element_rows), rng.randrange(grid)
             if free(r, c):
                 break
         occupied.add((r, c))
         elements.append(Element("shape", r, c, kind, colour))
-    elements.sort(key=lambda e: e.patch)
-    return Scene(seed=seed, background=background, texture=texture, elements=tuple(elements))
+    elements.sort(key=lambda e: e.patch_in(grid))
+    return Scene(seed=seed, background=background, texture=texture, elements=tuple(elements), grid=grid)
 
 
 def _star(cx: float, cy: float, outer: float, inner: float) -> list[tuple[float, float]]:
@@ -272,11 +299,11 @@ def _draw_glyph(draw: ImageDraw.ImageDraw, x: int, y: int, ch: str) -> None:
 
 
 def render(scene: Scene) -> Image.Image:
-    """Draw ``scene`` as an ``IMAGE_SIZE`` x ``IMAGE_SIZE`` RGB image (deterministic, no fonts)."""
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
+    """Draw ``scene`` as a ``scene.image_size`` square RGB image (deterministic, no fonts)."""
+    img = Image.new("RGB", (scene.image_size, scene.image_size), scene.background)
     draw = ImageDraw.Draw(img)
-    for r in range(GRID):  # a texture that repeats every cell: all background cells are identical
-        for c in range(GRID):
+    for r in range(scene.grid):  # a texture that repeats every cell: all background cells are identical
+        for c in range(scene.grid):
             x, y = c * CELL, r * CELL
             if scene.texture == "dots":
                 draw.rectangle([x + 7, y + 7, x + 8, y + 8], fill=_TEXTURE_INK)
@@ -297,9 +324,9 @@ def render(scene: Scene) -> Image.Image:
 
 def cell_words(scene: Scene) -> list[str]:
     """Per visual token (row-major), what its cell shows in words: ``"blank"``, ``"red star"`` or ``"K"``."""
-    words = ["blank"] * NUM_PATCHES
+    words = ["blank"] * scene.num_patches
     for e in scene.elements:
-        words[e.patch] = e.words
+        words[e.patch_in(scene.grid)] = e.words
     return words
 
 
@@ -326,20 +353,26 @@ def questions_for(scene: Scene, task: str, rng: random.Random) -> Sample:
         cells = tuple((e.row, e.col) for e in scene.shapes)
         return Sample(scene.seed, task, "How many shapes are there?", str(n), f"There are {n} shapes.", cells,
                       scene)
+    if task == "ground":
+        e = rng.choice(scene.shapes)
+        return Sample(scene.seed, task, f"Where is the {e.colour} {e.name}?", f"{e.row + 1},{e.col + 1}",
+                      f"The {e.colour} {e.name} is in row {e.row + 1}, column {e.col + 1}.", ((e.row, e.col),),
+                      scene)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
-def make_sample(seed: int, task: str | None = None, tasks: tuple[str, ...] = DEFAULT_TASKS) -> Sample:
+def make_sample(seed: int, task: str | None = None, tasks: tuple[str, ...] = DEFAULT_TASKS,
+                grid: int = GRID) -> Sample:
     """The sample of ``seed``: its scene, and a question of ``task`` (drawn from ``tasks`` when None)."""
-    scene = make_scene(seed)
+    scene = make_scene(seed, grid=grid)
     rng = random.Random(seed * 7919 + 17)  # question choice independent of the scene's draws
     chosen = task if task is not None else rng.choice(tasks)
     return questions_for(scene, chosen, rng)
 
 
-def make_samples(n: int, seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS) -> list[Sample]:
+def make_samples(n: int, seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS, grid: int = GRID) -> list[Sample]:
     """``n`` samples cycling through ``tasks`` (so each task gets ``n / len(tasks)``), seeds ``seed``..``seed+n-1``."""
-    return [make_sample(seed + i, tasks[i % len(tasks)]) for i in range(n)]
+    return [make_sample(seed + i, tasks[i % len(tasks)], grid=grid) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,6 +394,9 @@ def extract_answer(sample: Sample, text: str) -> str | None:
             if word in sample.choices:
                 return word
         return None
+    if sample.task == "ground":  # the first two numbers: row, column
+        numbers = _NUMBER.findall(text)
+        return f"{int(numbers[0])},{int(numbers[1])}" if len(numbers) >= 2 else None
     pattern = _CODE if sample.task == "text" else _NUMBER
     m = pattern.search(text)
     return m.group(0) if m else None
@@ -369,3 +405,15 @@ def extract_answer(sample: Sample, text: str) -> str | None:
 def score(sample: Sample, text: str) -> float:
     """1.0 when the first candidate answer in ``text`` equals ``sample.answer``, else 0.0."""
     return float(extract_answer(sample, text) == sample.answer)
+
+
+def score_near(sample: Sample, text: str, cells: int = 1) -> float:
+    """Grounding: 1.0 when the reply's (row, column) is within ``cells`` of the answer in both directions
+    (a click inside a small box around the target); other tasks: :func:`score`."""
+    if sample.task != "ground":
+        return score(sample, text)
+    got = extract_answer(sample, text)
+    if got is None:
+        return 0.0
+    (r, c), (ar, ac) = (tuple(map(int, x.split(","))) for x in (got, sample.answer))
+    return float(abs(r - ar) <= cells and abs(c - ac) <= cells)

@@ -66,6 +66,8 @@ def test_output_path_that_is_a_directory(no_load, capsys, tmp_path):
     (["bench", "--long-answer", "--decode-budget", "16"], "larger than the window"),
     (["bench", "--long-answer", "--contexts", "100", "--budget", "128"], "must exceed the budget"),
     (["bench", "--long-answer", "--methods", "nope"], "unknown method"),
+    (["eval", "--followup"], "needs the toy VLM"),
+    (["eval", "--followup", "--model", "toy-vlm", "--tasks", "colour"], "at least two tasks"),
     (["calibrate", "--model", "nope", "--out", "x.json"], "unknown model"),
     (["calibrate", "--data", "missing.jsonl", "--out", "x.json"], "does not exist"),
     (["eval", "--tasks", "passkey,bogus"], "bogus"),

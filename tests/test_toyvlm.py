@@ -164,3 +164,32 @@ def test_answers_held_out_questions_with_full_cache(toy_vlm):
     texts = proc.batch_decode(out[:, inputs["input_ids"].shape[1]:])
     replies = [(s.answer, text, gen.score(s, text)) for s, text in zip(samples, texts)]
     assert all(ok == 1.0 for _, _, ok in replies), replies
+
+
+def test_followup_pairs_ask_about_different_cells():
+    from mixkv.lab.followup import followup_pairs
+
+    pairs = followup_pairs(12, seed=0)
+    assert [(p.first.task, p.second.task) for p in pairs[:3]] == [("colour", "shape"), ("shape", "text"),
+                                                                 ("text", "colour")]
+    assert all(p.first.scene == p.second.scene and p.first.answer_cells != p.second.answer_cells for p in pairs)
+    assert [p.second.question for p in followup_pairs(12, seed=0)] == [p.second.question for p in pairs]
+    with pytest.raises(ValueError, match="two different tasks"):
+        followup_pairs(2, tasks=("colour",))
+
+
+@pytest.mark.slow
+def test_a_followup_question_on_the_same_cache(toy_vlm):
+    """The user's chat path: a second generate on the first one's cache inside one press. With the full
+    cache both answers are right; under a press the follow-up still decodes from the kept cache."""
+    from mixkv.lab.followup import ask_twice, followup_pairs, run_followup
+
+    model, proc = toy_vlm
+    pair = followup_pairs(1, seed=2)[0]  # text first, then a colour question
+    first, second = ask_twice(model, proc, pair)
+    assert gen.score(pair.first, first) == gen.score(pair.second, second) == 1.0
+    rows = run_followup(model, proc, [pair], ["snapkv+mixkv"], [200], window=32)
+    means = {(r["method"], r["turn"]): r["accuracy"] for r in rows if r["task"] == "mean"}
+    # budget 200 of ~300 prompt tokens: everything informative survives, both answers stay right
+    assert means == {("full", "first"): 100.0, ("full", "followup"): 100.0,
+                     ("snapkv+mixkv", "first"): 100.0, ("snapkv+mixkv", "followup"): 100.0}

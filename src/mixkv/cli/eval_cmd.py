@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--json", default=None, help="write results here (JSON)")
     p.add_argument("--plot", default=None, help="write a PNG of accuracy vs budget here")
     p.add_argument("--from-json", default=None, help="no run: print the table and draw --plot from this JSON")
+    p.add_argument("--followup", action="store_true",
+                   help=f"{sources.TOY_VLM} only: ask a second question on the first one's compressed cache "
+                        "(two generate calls inside one press) and score both answers")
     p.set_defaults(run=run)
 
 
@@ -90,6 +93,8 @@ def run(args) -> int:
                         redundancy=args.redundancy)
     config.validate()
     names = _task_names(args)
+    if args.followup:
+        return run_followup_eval(args, config, names)
     threads = setup_threads(args.threads)
     start = time.perf_counter()
     model, tokenizer = sources.load(args.model, args.dtype)
@@ -131,4 +136,39 @@ def run(args) -> int:
         print(f"wrote {plot_accuracy(results, args.plot, _title(payload))}")
     if out["interrupted"]:
         raise KeyboardInterrupt
+    return 0
+
+
+def run_followup_eval(args, config: EvalConfig, names: list[str]) -> int:
+    """``--followup``: first answer and follow-up answer per method and budget (toy VLM)."""
+    from ..lab.followup import followup_pairs, run_followup
+
+    if not sources.is_toy_vlm(args.model):
+        raise ValueError(f"--followup needs the toy VLM ({sources.TOY_VLM}): its training conversations ask "
+                         "several questions about one image")
+    if len(names) < 2:
+        raise ValueError(f"--followup needs at least two tasks, got {names}")
+    threads = setup_threads(args.threads)
+    start = time.perf_counter()
+    model, processor = sources.load(args.model, args.dtype)
+    pairs = followup_pairs(args.n * len(names), args.seed, names)
+    rows = run_followup(model, processor, pairs, config.methods, config.budgets, args.window, args.max_new_tokens,
+                        progress=lambda m: print(f"  {m} ({time.perf_counter() - start:.0f} s)", flush=True))
+    means = {(r["method"], r["budget"], r["turn"]): r["accuracy"] for r in rows if r["task"] == "mean"}
+    keys = list(dict.fromkeys((r["method"], r["budget"]) for r in rows))
+    print(report.format_table(
+        ["method", "budget", "first question", "follow-up", *[f"follow-up {t}" for t in names]],
+        [[m, b or "-", f"{means[(m, b, 'first')]:.1f}", f"{means[(m, b, 'followup')]:.1f}",
+          *[next((f"{r['accuracy']:.1f}" for r in rows if (r["method"], r["budget"], r["turn"], r["task"])
+                  == (m, b, "followup", t)), "-") for t in names]] for m, b in keys]))
+    elapsed = time.perf_counter() - start
+    machine = machine_description()
+    print(f"\n{len(pairs)} image/question pairs (seeds {args.seed}..{args.seed + len(pairs) - 1}), window "
+          f"{args.window}; {machine}, {threads} threads, {elapsed:.0f} s")
+    if args.json:
+        payload = {"model": args.model, "followup": rows,
+                   "config": {"pairs": len(pairs), "seed": args.seed, "tasks": names, "methods": config.methods,
+                              "budgets": config.budgets, "window": args.window, "threads": threads,
+                              "machine": machine, "seconds": elapsed}}
+        print(f"wrote {write_json(payload, args.json)}")
     return 0

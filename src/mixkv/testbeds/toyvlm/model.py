@@ -98,6 +98,12 @@ class ToyVLMProcessor:
     def prompt_ids(self, question: str) -> list[int]:
         return self.encode_text(self.prompt_text(question))
 
+    def followup_ids(self, question: str) -> list[int]:
+        """Token ids of a later question about the same image, to append after the previous reply's
+        ``<|im_end|>``: the turn format of the training conversations (``scripts/train_toyvlm.py``)."""
+        text = f"\n<|im_start|>user\n{question}{self.prompt_suffix}<|im_end|>\n<|im_start|>assistant\n"
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     # -- images ------------------------------------------------------------------------------------------
     def pixel_values(self, images) -> torch.Tensor:
         """``(B, 3, H, W)`` float32, RGB scaled to [0, 1] then normalised by ``(x - mean) / std``."""

@@ -78,9 +78,12 @@ def test_long_answer_rows_bound_the_cache_with_a_decode_budget(tmp_path):
     assert full.same_as_full == full.new_tokens == 40
     grows = by[("snapkv+mixkv", None)]
     assert grows.kv_mib_end * 2**20 == (20 + 39) * per_token and grows.decode_compressions == 0
+    assert grows.query_ring_mib == 0
     for key in (("snapkv+mixkv", 24), ("adakv", 24)):
         bounded = by[key]
         assert bounded.decode_compressions > 0 and bounded.recompress_ms_per_token > 0
         assert bounded.kv_mib_peak * 2**20 < (24 + 4) * per_token  # decode budget + every, never more
         assert bounded.ms_per_token > 0 and 0 <= bounded.same_as_full <= 40
+        # 2 layers x (1 x 4 query heads x window 4 x 16 dims) x 4 bytes of recent queries
+        assert bounded.query_ring_mib * 2**20 == 2 * 4 * 4 * 16 * 4
     assert plot_long_answer(rows, tmp_path / "long.png").stat().st_size > 0

@@ -205,10 +205,10 @@ def run_long_answer(args) -> int:
                        progress=lambda msg: print(f"  {msg} ({time.perf_counter() - start:.0f} s)", flush=True))
     print(report.format_table(
         ["method", "decode budget", "decode ms/tok", "median", "re-compress ms/tok", "re-compressions",
-         "KV MiB start", "KV MiB peak", "KV MiB end", "same as full"],
+         "KV MiB start", "KV MiB peak", "KV MiB end", "query ring MiB", "same as full"],
         [[r.method, r.decode_budget or "-", f"{r.ms_per_token:.1f}", f"{r.ms_per_token_median:.1f}",
           f"{r.recompress_ms_per_token:.2f}", r.decode_compressions, f"{r.kv_mib_start:.2f}", f"{r.kv_mib_peak:.2f}",
-          f"{r.kv_mib_end:.2f}", f"{r.same_as_full}/{r.new_tokens}"] for r in rows]))
+          f"{r.kv_mib_end:.2f}", f"{r.query_ring_mib:.2f}", f"{r.same_as_full}/{r.new_tokens}"] for r in rows]))
     print(f"\n{args.model}, prompt {prefill.prompt_length} tokens, budget {args.budget}, every {args.every}; "
           f"{machine}, {threads} threads, {args.repeats} round-robin repeats, {time.perf_counter() - start:.0f} s")
     payload = {"model": args.model, "long_answer": long_answer_dicts(rows),

@@ -405,6 +405,11 @@ class PressSession:
         self.note_plan(idx, plan, positions)
         return True
 
+    def query_ring_bytes(self) -> int:
+        """Bytes of the recent-query rings ``decode_budget`` keeps (``B x Hq x W x D`` per layer): memory
+        on top of the cache that compression while decoding costs."""
+        return sum(r.buffer.numel() * r.buffer.element_size() for r in self._rings.values() if r.buffer is not None)
+
     def seed_queries(self, idx: int, queries: torch.Tensor, scaling: float) -> None:
         """Give layer ``idx``'s decode-time ring the prefill's window queries (a cache built elsewhere,
         :func:`build_cache`), so decode re-compression can start before ``W`` tokens were decoded."""

@@ -38,6 +38,7 @@ class LongAnswerRow:
     decode_compressions: int
     recompress_ms_per_token: float
     same_as_full: int
+    query_ring_mib: float = 0.0  # the press's recent queries (decode_budget), held besides the cache
     kv_mib_trace: list[float] = field(default_factory=list)
 
     @property
@@ -83,7 +84,7 @@ def long_answer(model, prefill: Prefill, configs: Sequence[tuple[str, int | None
             decode_compressions=run.decode_compressions,
             recompress_ms_per_token=1000 * run.decode_compress_seconds / max(len(run.step_seconds), 1),
             same_as_full=_first_difference(run.tokens, full_tokens) if full_tokens is not None else len(run.tokens),
-            kv_mib_trace=[b / MIB for b in trace],
+            query_ring_mib=run.query_ring_bytes / MIB, kv_mib_trace=[b / MIB for b in trace],
         ))
     return rows
 

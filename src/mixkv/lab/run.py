@@ -67,6 +67,7 @@ class MethodRun:
     cache: object = None  # kept only with keep_cache=True
     decode_compressions: int = 0  # layer re-compressions while decoding (decode_budget)
     decode_compress_seconds: float = 0.0
+    query_ring_bytes: int = 0  # the press's recent-query rings (decode_budget), not part of the cache
 
 
 def run_method(model, prefill: Prefill, method: Method | None, max_new_tokens: int,
@@ -91,7 +92,7 @@ def run_method(model, prefill: Prefill, method: Method | None, max_new_tokens: i
         start = time.perf_counter()
         tokens = greedy_decode(model, cache, first, max_new_tokens, eos_token_ids, steps, on_step)
         paths: set[str] = set()
-        recompressions, recompress_secs = 0, 0.0
+        recompressions, recompress_secs, ring_bytes = 0, 0.0, 0
     else:
         with press(model, method, decode_budget=decode_budget, every=every) as session:
             _sync(device)
@@ -108,6 +109,7 @@ def run_method(model, prefill: Prefill, method: Method | None, max_new_tokens: i
             paths = set(session.attention_paths)
             recompressions = session.stats.decode_compressions
             recompress_secs = session.stats.compress_seconds - before
+            ring_bytes = session.query_ring_bytes()
     decode = time.perf_counter() - start
     return MethodRun(tokens, plans, nbytes, secs, decode, steps or [], paths, cache if keep_cache else None,
-                     recompressions, recompress_secs)
+                     recompressions, recompress_secs, ring_bytes)

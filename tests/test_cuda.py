@@ -60,3 +60,24 @@ def test_generation_on_cuda_bf16(method):
         out = model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True)
     assert out.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] + 5
     assert session.stats.layers_compressed == 2
+
+
+@pytest.mark.parametrize("method", ["snapkv+mixkv", "adakv+mixkv"])
+def test_turns_and_decode_budget_on_cuda_bf16(method):
+    """Compression after the first prefill on CUDA in bf16: a second turn longer than the window is
+    compressed, decoding stays within decode_budget + every, and nothing leaves the device."""
+    model = make_model("llama", dtype=torch.bfloat16).cuda()
+    inputs = {k: v.cuda() for k, v in make_inputs(model, "llama", batch=2, text_len=60, left_pad=[0, 7]).items()}
+    with mixkv.press(model, method, budget=24, window=8, decode_budget=32, every=4) as session:
+        out = model.generate(**inputs, max_new_tokens=20, return_dict_in_generate=True)
+        extra = torch.arange(20, 40, device="cuda")[None].expand(2, -1)
+        ids = torch.cat([out.sequences, extra], 1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, ids.shape[1] - inputs["attention_mask"].shape[1],
+                                                               dtype=torch.long, device="cuda")], 1)
+        turn = model.generate(input_ids=ids, attention_mask=mask, cache=out.past_key_values, max_new_tokens=20,
+                              return_dict_in_generate=True)
+        assert session.stats.segments_compressed == 2 and session.stats.decode_compressions > 0
+    for layer in turn.past_key_values.layers:
+        assert isinstance(layer, CompressedLayer) and layer.keys.is_cuda
+        assert layer.held_mean_max() < max(layer.kept_mean_max, 32) + 4
+    assert turn.past_key_values.get_seq_length() == ids.shape[1] + 19

@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 STAMP := .setup-done
 
-.PHONY: setup demo test lint bench eval compare kvpress-env clean
+.PHONY: setup demo test lint bench eval compare kvpress-env lmms-env lmms-check clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
@@ -38,6 +38,15 @@ kvpress-env:
 
 compare: $(STAMP)
 	$(PYTHON) -m mixkv.cli.main compare --model smollm2-135m --contexts 1024,2048,4096 --budget 128 --n 6 --json out/compare.json --plot out/compare.png
+
+# lmms-eval 0.7.x with mixkv as its plugin, in its own venv (lmms-eval pulls a CUDA torch, ~7 GB):
+# $MIXKV_LMMS_VENV, else $MIXKV_CACHE/venv-lmms or ~/.cache/mixkv/venv-lmms.
+LMMS_N ?= 10
+lmms-env:
+	PYTHON="$(PYTHON)" bash scripts/lmms_env.sh
+
+lmms-check: lmms-env
+	$(PYTHON) scripts/lmms_check.py --n $(LMMS_N)
 
 clean:
 	rm -rf $(STAMP) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -15,6 +15,7 @@ FORBIDDEN = {
     "testbeds": {"lab", "cli"},
     "lab": {"cli"},
     "serving": {"lab", "cli", "testbeds"},
+    "integrations": {"lab", "cli"},
 }
 
 

@@ -19,6 +19,7 @@ SUPPORTED: dict[str, str] = {
     "qwen3_vl": "Qwen3-VL",
     "llava": "LLaVA",
     "llava_next": "LLaVA-NeXT",
+    "llava_onevision": "LLaVA-OneVision",
     "internvl": "InternVL",
     "llama": "Llama",
     "mistral": "Mistral",

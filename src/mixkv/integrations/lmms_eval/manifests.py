@@ -14,10 +14,10 @@ Decisions:
 * classes are built on first use (:mod:`.wrapped`), so registering imports neither lmms-eval's model code
   nor torch: ``lmms-eval --help`` stays fast;
 * listed are the families of the issue whose lmms-eval class loads a Hugging Face model of a type mixkv
-  supports (``mixkv.core.models.SUPPORTED``). LLaVA-OneVision: lmms-eval's ``llava_onevision`` loads the
-  original LLaVA repository's model (not a transformers class), and the HF OneVision checkpoints
-  (``llava_hf``) have ``model_type="llava_onevision"``, which ``mixkv.core`` does not support yet: both raise a
-  clear error at load (``mixkv_llava_hf`` serves LLaVA-1.5 / LLaVA-NeXT checkpoints today).
+  supports (``mixkv.core.models.SUPPORTED``). LLaVA-OneVision: the HF OneVision checkpoints go through
+  ``mixkv_llava_hf`` (``model_type="llava_onevision"``, supported by the core; tested there on a tiny model,
+  not through lmms-eval here); lmms-eval's own ``llava_onevision`` id loads the original LLaVA repository's
+  model (not a transformers class) and is not wrapped.
 """
 
 from __future__ import annotations

@@ -26,10 +26,9 @@
 # Environment: MIXKV_LMMS_VENV, MIXKV_CACHE (see above); PYTHON (default python3, only creates the venv);
 #              LMMS_SPEC (default lmms-eval==0.7.3); LMMS_EXTRA (extra pip requirements, default "gguf filelock<4 decord").
 set -euo pipefail
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/../src/mixkv/envs/venv_lib.sh"
 
-# A literal "~" in the variables, as Python's expanduser() reads it (quotes on purpose).
-# shellcheck disable=SC2088
-expand_home() { local p="$1"; [[ "$p" == "~" || "$p" == "~/"* ]] && p="$HOME${p:1}"; echo "$p"; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="$(expand_home "${MIXKV_CACHE:-$HOME/.cache/mixkv}")"
@@ -54,18 +53,6 @@ print(f"lmms-eval {version('lmms-eval')}, transformers {transformers.__version__
 PY
 }
 
-pip_install() {
-    # pip_install LOG ARGS...: quiet install into the venv; on failure show the log's tail.
-    local log="$1"; shift
-    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check "$@" >"$log" 2>&1; then
-        tail -n 30 "$log" >&2
-        say "error: pip install $* failed (full log: $log)" >&2
-        exit 1
-    fi
-    local new
-    new="$(sed -n 's/^Successfully installed //p' "$log")"
-    say "pip installed into the venv: ${new:-nothing new}"
-}
 
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && CHECK="$(check_env 2>/dev/null)"; then
     say "already set up: $VENV ($CHECK)"

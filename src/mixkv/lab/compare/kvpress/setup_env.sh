@@ -19,10 +19,9 @@
 #              needs no torch); KVPRESS_TORCH / KVPRESS_SPEC / KVPRESS_TRANSFORMERS
 #              (default torch==2.13.0 / kvpress==0.5.5 / transformers==5.2.0).
 set -euo pipefail
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/../../../envs/venv_lib.sh"
 
-# A literal "~" in KVPRESS_VENV / MIXKV_CACHE, as Python's expanduser() reads it (quotes on purpose).
-# shellcheck disable=SC2088
-expand_home() { local p="$1"; [[ "$p" == "~" || "$p" == "~/"* ]] && p="$HOME${p:1}"; echo "$p"; }
 
 CACHE="$(expand_home "${MIXKV_CACHE:-$HOME/.cache/mixkv}")"
 VENV="$(expand_home "${KVPRESS_VENV:-$CACHE/venv-kvpress}")"
@@ -55,18 +54,6 @@ if problems:
 PY
 }
 
-pip_install() {
-    # pip_install LOG ARGS...: quiet install into the venv; on failure show the log's tail.
-    local log="$1"; shift
-    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check "$@" >"$log" 2>&1; then
-        tail -n 30 "$log" >&2
-        say "error: pip install $* failed (full log: $log)" >&2
-        exit 1
-    fi
-    local new
-    new="$(sed -n 's/^Successfully installed //p' "$log")"
-    say "pip installed into the venv: ${new:-nothing new}"
-}
 
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && CHECK="$(check_env 2>/dev/null)"; then
     say "already set up: $VENV ($CHECK)"

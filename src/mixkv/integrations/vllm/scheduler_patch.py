@@ -1,0 +1,148 @@
+"""Engine-core side: free a compressed request's blocks and size its later allocations by held slots.
+
+vLLM 0.32 has no call that shrinks a running request below its position (``remove_skipped_blocks``
+only swaps blocks for the null block and keeps the table positional), so four functions are wrapped,
+each for one reason:
+
+* ``Scheduler.__init__``: turns prefix caching off (compressed blocks no longer hold the prompt's
+  prefix, so they must never be shared or reused) and checks that the model has one full-attention
+  KV group, that the workers use the V1 model runner (the one :mod:`.runner_patch` wraps) and that
+  scheduling is synchronous (the CPU platform forces it; with async scheduling the trim below could
+  run before the worker has compressed).
+* ``Scheduler.schedule``: before scheduling, every running request whose prompt was completed by the
+  previous step (and was compressed by the worker at the end of that step, :mod:`.slots` says when)
+  gives its blocks past ``ceil(held / block_size)`` back to the pool, and its offset
+  (``prompt - budget``) is recorded. After scheduling, a trace line is written when asked for.
+* ``KVCacheManager.allocate_slots``: for a compressed request, runs with
+  ``request.num_computed_tokens`` lowered by the offset for the duration of the call, so new blocks
+  are counted from the held length (a decode step needs a block only every ``block_size`` tokens).
+  Everything else (output, positions, stop checks) keeps the true count.
+* ``Scheduler._preempt_request``: forgets the offset; the preempted request is recomputed from
+  scratch and compressed again when its recomputation reaches the end of its prompt.
+
+State lives in one :class:`SchedulerState` per process (vLLM runs one scheduler per engine core).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+from .config import PluginConfig
+from .slots import CompressionRule
+from .trace import StepRecord, TraceWriter, now
+
+logger = logging.getLogger("mixkv.vllm")
+
+
+@dataclass
+class SchedulerState:
+    config: PluginConfig
+    rule: CompressionRule
+    block_size: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)
+    trace: TraceWriter | None = None
+    freed_total: int = 0
+
+
+STATE: SchedulerState | None = None
+
+
+def _single_type_managers(scheduler) -> list:
+    return list(scheduler.kv_cache_manager.coordinator.single_type_managers)
+
+
+def trim_compressed(scheduler, state: SchedulerState) -> int:
+    """Give back the blocks of requests compressed by the last step; returns how many were freed."""
+    freed = 0
+    for request in scheduler.running:
+        rid = request.request_id
+        p = request.num_prompt_tokens
+        if rid in state.offsets or not state.rule.compresses(p) or request.num_computed_tokens < p:
+            continue
+        keep = state.rule.blocks_kept(request.num_computed_tokens, p, state.block_size)
+        for manager in _single_type_managers(scheduler):
+            blocks = manager.req_to_blocks.get(rid)
+            if not blocks or len(blocks) <= keep:
+                continue
+            tail = blocks[keep:]
+            del blocks[keep:]
+            manager.block_pool.free_blocks(reversed(tail))
+            freed += len(tail)
+        state.offsets[rid] = state.rule.offset(p)
+    for rid in [r for r in state.offsets if r not in scheduler.requests]:
+        del state.offsets[rid]
+    state.freed_total += freed
+    return freed
+
+
+def patch_scheduler(config: PluginConfig) -> None:
+    """Install the wrappers (once per process)."""
+    global STATE
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    if getattr(Scheduler, "_mixkv_patched", False):
+        return
+    STATE = SchedulerState(config=config, rule=CompressionRule(config.budget, config.window))
+    init, schedule, preempt = Scheduler.__init__, Scheduler.schedule, Scheduler._preempt_request
+    allocate = KVCacheManager.allocate_slots
+
+    @functools.wraps(init)
+    def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
+        if config.compresses and vllm_config.cache_config.enable_prefix_caching:
+            logger.warning("mixkv: prefix caching turned off (compressed blocks must not be shared)")
+            vllm_config.cache_config.enable_prefix_caching = False
+        init(self, vllm_config, kv_cache_config, *args, **kwargs)
+        groups = kv_cache_config.kv_cache_groups
+        if config.compresses:
+            if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+                raise RuntimeError("mixkv's vLLM plugin supports models with one full-attention KV cache group; got "
+                                   f"{[type(g.kv_cache_spec).__name__ for g in groups]}")
+            if vllm_config.use_v2_model_runner:
+                raise RuntimeError("mixkv's vLLM plugin patches the V1 model runner; vLLM chose the V2 runner "
+                                   "(set VLLM_USE_V2_MODEL_RUNNER=0)")
+            if vllm_config.scheduler_config.async_scheduling:
+                raise RuntimeError("mixkv's vLLM plugin needs synchronous scheduling (async_scheduling=False)")
+        STATE.block_size = groups[0].kv_cache_spec.block_size if groups else 0
+        if config.trace_path and STATE.trace is None:
+            STATE.trace = TraceWriter(config.trace_path)
+        logger.info("mixkv: %s, budget %d, window %d, block size %d", config.method_name, config.budget,
+                    config.window, STATE.block_size)
+
+    @functools.wraps(schedule)
+    def schedule_(self, *args, **kwargs):
+        freed = trim_compressed(self, STATE) if config.compresses else 0
+        output = schedule(self, *args, **kwargs)
+        if STATE.trace is not None:
+            pool = self.kv_cache_manager.block_pool
+            STATE.trace.write(StepRecord(
+                t=now(), running=len(self.running), waiting=len(self.waiting),
+                scheduled_tokens=int(output.total_num_scheduled_tokens), free_blocks=pool.get_num_free_blocks(),
+                total_blocks=pool.num_gpu_blocks, compressed=len(STATE.offsets), freed_blocks=freed))
+        return output
+
+    @functools.wraps(allocate)
+    def allocate_slots(self, request, *args, **kwargs):
+        offset = STATE.offsets.get(request.request_id, 0)
+        if not offset:
+            return allocate(self, request, *args, **kwargs)
+        request.num_computed_tokens -= offset
+        try:
+            return allocate(self, request, *args, **kwargs)
+        finally:
+            request.num_computed_tokens += offset
+
+    @functools.wraps(preempt)
+    def _preempt_request(self, request, *args, **kwargs):
+        STATE.offsets.pop(request.request_id, None)
+        return preempt(self, request, *args, **kwargs)
+
+    Scheduler.__init__ = __init__
+    Scheduler.schedule = schedule_
+    if config.compresses:
+        KVCacheManager.allocate_slots = allocate_slots
+        Scheduler._preempt_request = _preempt_request
+    Scheduler._mixkv_patched = True

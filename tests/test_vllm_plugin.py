@@ -1,0 +1,298 @@
+"""The vLLM plugin's pure parts: configuration, slot arithmetic, KV layout, window capture and the
+in-place compaction (checked against attention over the kept positions). The engine itself is
+exercised by ``make vllm-check`` in its own environment; tests that need vLLM are skipped here."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mixkv.core.layer import LayerPrefill
+from mixkv.core.registry import make_method
+from mixkv.core.selection import plan_keep
+from mixkv.integrations.vllm import config as cfg
+from mixkv.integrations.vllm.capture import StepCapture, WindowStore
+from mixkv.integrations.vllm.compact import Compaction, compact_request
+from mixkv.integrations.vllm.kvlayout import (
+    PLAIN,
+    KVLayout,
+    detect_layout,
+    layout_matches,
+    read_slots,
+    split_kv,
+    write_slots,
+)
+from mixkv.integrations.vllm.plugin import check_vllm_version, register
+from mixkv.integrations.vllm.slots import CompressionRule, slot_ids, window_tokens
+from mixkv.integrations.vllm.trace import StepRecord, TraceWriter, read_trace
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+def test_plugin_is_off_without_a_method():
+    assert cfg.config_from_env({}) is None
+    assert cfg.config_from_env({cfg.ENV_METHOD: "  "}) is None
+
+
+def test_config_reads_method_budget_window_and_paths():
+    c = cfg.config_from_env({cfg.ENV_METHOD: "SnapKV+MixKV", cfg.ENV_BUDGET: "64", cfg.ENV_TRACE: "/tmp/t.jsonl"})
+    assert (c.method_name, c.budget, c.window, c.trace_path, c.compresses) == ("snapkv+mixkv", 64, 32,
+                                                                              "/tmp/t.jsonl", True)
+    assert c.make_method().name == "snapkv+mixkv"
+    assert cfg.config_from_env({cfg.ENV_METHOD: "snapkv"}).budget == cfg.DEFAULT_BUDGET
+    full = cfg.config_from_env({cfg.ENV_METHOD: "full"})
+    assert not full.compresses and full.make_method() is None
+
+
+def test_unknown_method_names_the_variable_and_the_choices():
+    with pytest.raises(ValueError, match=r"MIXKV_VLLM_METHOD='snapkvv' is not a mixkv method.*snapkv\+mixkv"):
+        cfg.config_from_env({cfg.ENV_METHOD: "snapkvv"})
+
+
+@pytest.mark.parametrize("name, why", [("pyramidkv", "block table"), ("adakv+mixkv", "per-head paging"),
+                                       ("headkv", "per-head paging")])
+def test_non_uniform_methods_are_refused_with_the_reason(name, why):
+    with pytest.raises(ValueError, match=why):
+        cfg.config_from_env({cfg.ENV_METHOD: name})
+
+
+@pytest.mark.parametrize("budget", ["32", "8", "0", "-5"])
+def test_budget_must_exceed_the_window(budget):
+    with pytest.raises(ValueError, match=r"larger than the window \(32\).*>= 33"):
+        cfg.config_from_env({cfg.ENV_METHOD: "snapkv", cfg.ENV_BUDGET: budget})
+
+
+def test_budget_and_window_must_be_integers():
+    with pytest.raises(ValueError, match="MIXKV_VLLM_BUDGET must be a whole number"):
+        cfg.config_from_env({cfg.ENV_METHOD: "snapkv", cfg.ENV_BUDGET: "12.5"})
+    with pytest.raises(ValueError, match="MIXKV_VLLM_WINDOW must be at least 1"):
+        cfg.config_from_env({cfg.ENV_METHOD: "snapkv", cfg.ENV_WINDOW: "0"})
+    assert cfg.config_from_env({cfg.ENV_METHOD: "snapkv", cfg.ENV_WINDOW: "8", cfg.ENV_BUDGET: "9"}).window == 8
+
+
+def test_accepted_methods_are_the_uniform_ones():
+    assert set(cfg.accepted_methods()) == {"full", "snapkv", "snapkv+mixkv", "random"}
+
+
+# ---- slots and blocks --------------------------------------------------------------------------
+
+
+def test_rule_offsets_and_blocks():
+    rule = CompressionRule(budget=128, window=32)
+    assert not rule.compresses(128) and rule.compresses(129)
+    assert rule.offset(100) == 0 and rule.offset(4096) == 4096 - 128
+    # held = computed - offset once the prompt is done; before, the prompt is held whole
+    assert rule.held(2000, 4096) == 2000 and rule.held(4096, 4096) == 128 and rule.held(4100, 4096) == 132
+    assert rule.blocks_kept(4096, 4096, 32) == 4 and rule.blocks_kept(4097, 4096, 32) == 5
+    assert rule.blocks_kept(4096, 4096, 128) == 1 and rule.blocks_kept(4096 + 1, 4096, 128) == 2
+    assert rule.blocks_kept(100, 100, 32) == math.ceil(100 / 32)  # short prompt: not compressed
+
+
+def test_the_step_that_completes_the_prompt_triggers_compression():
+    rule = CompressionRule(budget=64, window=32)
+    assert rule.finishes_prompt(0, 500, 500)  # whole prompt in one step
+    assert not rule.finishes_prompt(0, 256, 500) and rule.finishes_prompt(256, 244, 500)  # chunked
+    assert not rule.finishes_prompt(500, 1, 500)  # decoding
+    assert rule.finishes_prompt(0, 510, 500)  # resumed after preemption: prompt + 10 outputs recomputed
+    assert not rule.finishes_prompt(0, 60, 60)  # fits the budget: never compressed
+
+
+def test_window_rows_across_chunks():
+    rule = CompressionRule(budget=40, window=8)
+    # request 0: prompt 100, chunk [90, 96) now; request 1: prompt 50 in one step at batch rows 6..55;
+    # request 2: decoding; request 3: prompt short (30), never compressed.
+    computed = np.array([90, 0, 70, 0])
+    scheduled = np.array([6, 50, 1, 30])
+    prompt = np.array([100, 50, 60, 30])
+    starts = np.array([0, 6, 56, 57])
+    rows, reqs, slots = window_tokens(rule, computed, scheduled, prompt, starts, np.zeros(4, bool))
+    assert reqs.tolist() == [0] * 4 + [1] * 8
+    assert rows.tolist() == [2, 3, 4, 5] + list(range(6 + 42, 6 + 50))
+    assert slots.tolist() == [0, 1, 2, 3] + list(range(8))
+    # the next chunk of request 0 fills the rest of its window
+    rows, reqs, slots = window_tokens(rule, np.array([96]), np.array([4]), np.array([100]), np.array([0]),
+                                      np.zeros(1, bool))
+    assert rows.tolist() == [0, 1, 2, 3] and slots.tolist() == [4, 5, 6, 7]
+    assert len(window_tokens(rule, computed, scheduled, prompt, starts, np.ones(4, bool))[0]) == 0
+
+
+def test_slot_ids_follow_the_block_table():
+    assert slot_ids([7, 2, 9], 4, 6).tolist() == [28, 29, 30, 31, 8, 9]
+    assert slot_ids([7, 2, 9], 4, 3, start=5).tolist() == [9, 10, 11]
+    with pytest.raises(ValueError, match="needs block 3"):
+        slot_ids([7, 2, 9], 4, 13)
+
+
+# ---- KV layout -----------------------------------------------------------------------------------
+
+
+def _cache(blocks=6, heads=2, block_size=4, d=8, seed=0):
+    return torch.randn(blocks, heads, block_size, 2 * d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_split_matches_the_cpu_backend_view_and_roundtrips():
+    kv = _cache()
+    k, v = split_kv(kv)
+    assert k.shape == v.shape == (6, 2, 4, 8)
+    # The backend's view: keys are the first block_size rows of each (block, head), values the next.
+    backend = kv.view(6, 2, 8, 8)
+    assert torch.equal(k[1, 0, 2], backend[1, 0, 2]) and torch.equal(v[1, 0, 2], backend[1, 0, 6])
+    slots = torch.tensor([5, 0, 22])
+    tokens = torch.randn(2, 3, 8)
+    write_slots(k, slots, tokens)
+    assert torch.equal(read_slots(k, slots), tokens)
+    assert torch.equal(kv.view(6, 2, 8, 8)[5, 1, 2], tokens[1, 2])  # slot 22 = block 5, offset 2, head 1
+
+
+def test_transposed_reads_the_region_dimension_major():
+    kv = _cache()
+    k, _ = split_kv(kv)
+    region = kv.view(6, 2, 8, 8)[4, 1, :4].reshape(-1)  # keys of block 4, head 1: 4 slots x 8 dims
+    got = read_slots(k, torch.tensor([16, 17, 19]), transposed=True)[1]  # block 4, offsets 0, 1, 3
+    assert torch.equal(got, torch.stack([region[o::4] for o in (0, 1, 3)]))
+    tokens = torch.randn(2, 2, 8)
+    write_slots(k, torch.tensor([5, 9]), tokens, transposed=True)
+    assert torch.equal(read_slots(k, torch.tensor([5, 9]), transposed=True), tokens)
+
+
+def _writer(layout: KVLayout):
+    def write(k, v, kc, vc, slots):
+        write_slots(kc, slots, k.permute(1, 0, 2), layout.keys_transposed)
+        write_slots(vc, slots, v.permute(1, 0, 2), layout.values_transposed)
+    return write
+
+
+@pytest.mark.parametrize("layout", [PLAIN, KVLayout(keys_transposed=True)])
+def test_layout_detection_finds_the_writers_layout(layout):
+    assert detect_layout(_writer(layout), heads=3, head_size=8, block_size=4, dtype=torch.float32) == layout
+    other = KVLayout(not layout.keys_transposed, layout.values_transposed)
+    assert not layout_matches(_writer(layout), other, heads=3, head_size=8, block_size=4, dtype=torch.float32)
+
+
+def test_layout_detection_refuses_an_unknown_order():
+    def permuted(k, v, kc, vc, slots):  # another element order inside a row, as a packed kernel might use
+        write_slots(kc, slots, k.flip(-1).permute(1, 0, 2))
+        write_slots(vc, slots, v.permute(1, 0, 2))
+
+    assert detect_layout(permuted, heads=3, head_size=8, block_size=4, dtype=torch.float32) is None
+
+
+# ---- window capture ------------------------------------------------------------------------------
+
+
+def test_window_store_collects_a_window_over_two_steps():
+    store = WindowStore(window=4, layer_index={"l0": 0, "l1": 1})
+    q1 = torch.randn(10, 3, 8)  # step 1: rows 8, 9 are request "a"'s window slots 0, 1
+    store.step = StepCapture.from_arrays(np.array([8, 9]), np.array([0, 0]), np.array([0, 1]), ["a"])
+    store.record("l0", q1, 0.125)
+    store.record("l1", 2 * q1, 0.125)
+    store.record("other", q1, 0.125)  # not in the KV group: ignored
+    q2 = torch.randn(3, 3, 8)  # step 2: rows 0, 1 complete the window
+    store.step = StepCapture.from_arrays(np.array([0, 1]), np.array([0, 0]), np.array([2, 3]), ["a"])
+    store.record("l0", q2, 0.125)
+    store.record("l1", 2 * q2, 0.125)
+    store.step = None
+    store.record("l0", torch.randn(1, 3, 8), 0.125)  # decoding: nothing recorded
+    win = store.take("a")
+    expect = torch.cat([q1[8:10], q2[0:2]]).permute(1, 0, 2)
+    assert win.shape == (2, 3, 4, 8) and torch.equal(win[0], expect) and torch.equal(win[1], 2 * expect)
+    assert store.scaling == 0.125 and "a" not in store.buffers
+
+
+# ---- compaction -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method_name, layout", [("snapkv", PLAIN), ("snapkv+mixkv", PLAIN),
+                                                 ("snapkv+mixkv", KVLayout(keys_transposed=True))])
+def test_compaction_keeps_mixkv_plan_and_decoding_matches_masked_attention(method_name, layout):
+    torch.manual_seed(0)
+    layers, heads, q_heads, d, bs = 2, 2, 4, 8, 4
+    budget, window, prompt, tail = 12, 4, 30, 2
+    method = make_method(method_name, budget=budget, window=window)
+    rule = CompressionRule(budget, window)
+    block_ids = [9, 3, 7, 0, 5, 11, 2, 8]  # 32 slots, out of order as a pool hands them out
+    caches = [_cache(blocks=12, heads=heads, block_size=bs, d=d, seed=s) for s in range(layers)]
+    n = prompt + tail
+    slots = torch.from_numpy(slot_ids(block_ids, bs, n))
+    kt = layout.keys_transposed
+    before = [(read_slots(split_kv(kv)[0], slots, kt), read_slots(split_kv(kv)[1], slots)) for kv in caches]
+    queries = torch.randn(layers, q_heads, window, d)
+    job = Compaction(block_ids=block_ids, prompt_length=prompt, computed=n, queries=queries)
+    plans = compact_request(method, rule, job, caches, bs, d ** -0.5, layout=layout, keep_plans=True)
+
+    held = torch.from_numpy(slot_ids(block_ids, bs, budget + tail))
+    for layer, (kv, (keys, values), idx) in enumerate(zip(caches, before, plans)):
+        record = LayerPrefill(layer, layers, queries[layer][None], keys[None, :, :prompt], values[None, :, :prompt],
+                              d ** -0.5, window=window, kernel=method.kernel)
+        expect = plan_keep(method, record)
+        assert torch.equal(idx, expect.indices[0]) and idx.shape == (heads, budget)
+        k_held, v_held = read_slots(split_kv(kv)[0], held, kt), read_slots(split_kv(kv)[1], held)
+        # Decoding attention over the held slots = attention over all positions with the evicted masked.
+        q = torch.randn(heads, d)
+        keep = torch.zeros(heads, n, dtype=torch.bool)
+        keep.scatter_(1, idx, True)
+        keep[:, prompt:] = True
+        for h in range(heads):
+            got = torch.softmax(k_held[h] @ q[h], 0) @ v_held[h]
+            ref = torch.softmax((keys[h] @ q[h]).masked_fill(~keep[h], float("-inf")), 0) @ values[h]
+            torch.testing.assert_close(got, ref)
+        assert torch.equal(k_held[:, budget:], keys[:, prompt:])  # tokens after the prompt follow the kept ones
+
+
+def test_compaction_refuses_a_method_that_is_not_uniform():
+    method = make_method("adakv", budget=12, window=4)
+    rule = CompressionRule(12, 4)
+    torch.manual_seed(1)
+    kv = _cache(blocks=10, heads=2, block_size=4, d=8)
+    job = Compaction(block_ids=list(range(8)), prompt_length=32, computed=32, queries=torch.randn(1, 2, 4, 8) * 5)
+    with pytest.raises(RuntimeError, match="exactly the budget"):
+        compact_request(method, rule, job, [kv], 4, 0.35)
+
+
+# ---- plugin entry point and trace ------------------------------------------------------------------
+
+
+def test_version_check():
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.1")
+    with pytest.raises(RuntimeError, match=r"tested with vLLM 0\.32\.x.*found vLLM 0\.33\.0.*make vllm-env"):
+        check_vllm_version("0.33.0")
+    with pytest.raises(RuntimeError):
+        check_vllm_version("0.320.0")
+
+
+def test_register_is_inert_without_a_method(monkeypatch):
+    monkeypatch.delenv(cfg.ENV_METHOD, raising=False)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # any import of vllm would now fail
+    register()
+
+
+def test_trace_roundtrip(tmp_path):
+    path = tmp_path / "t" / "trace.jsonl"
+    writer = TraceWriter(path)
+    rec = StepRecord(t=1.0, running=3, waiting=2, scheduled_tokens=40, free_blocks=7, total_blocks=20,
+                     compressed=1, freed_blocks=5)
+    writer.write(rec)
+    writer.write(rec)
+    assert read_trace(path) == [rec, rec] and read_trace(tmp_path / "none") == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed here; the engine is checked by `make vllm-check` in its own venv")
+def test_patches_apply_to_the_installed_vllm(monkeypatch):
+    import vllm
+
+    check_vllm_version(vllm.__version__)
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for cls, names in [(Scheduler, ["schedule", "_preempt_request"]), (KVCacheManager, ["allocate_slots"]),
+                       (GPUModelRunner, ["_prepare_inputs", "execute_model"])]:
+        for name in names:
+            assert callable(getattr(cls, name))

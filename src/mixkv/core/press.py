@@ -207,7 +207,9 @@ class PressSession:
         new = self._input_ids if self._input_ids is not None else embeds
         if self._attention_mask is not None and isinstance(new, torch.Tensor) and new.dim() >= 2:
             q = new.shape[1]
-            if self._attention_mask.shape[-1] >= q and not bool(self._attention_mask.all()):
+            # A single new token is taken as real (generate never pads one): checking it would cost a
+            # device sync per decoded token.
+            if q > 1 and self._attention_mask.shape[-1] >= q and not bool(self._attention_mask.all()):
                 tail = self._attention_mask[:, -q:].bool()
                 self._new_valid = None if bool(tail.all()) else tail
         return None
@@ -293,10 +295,7 @@ class PressSession:
                     f"mixkv: layer {idx} ran a prompt without the press's attention function "
                     f"({self.info.text_config._attn_implementation!r}); cannot compress it"
                 )
-            if action == "prefill":
-                self._on_prefill(idx, cache, *captured)
-            else:
-                self._compress(idx, cache, *captured, self.method, "segment")
+            self._compress(idx, cache, *captured, self.method, action)
         elif action == "append" and self.decode_method is not None:
             self._maybe_compress_decoded(idx, cache)
         layer = cache.layers[idx]
@@ -305,52 +304,38 @@ class PressSession:
         return None
 
     # ---- compression ----------------------------------------------------------------------------
-    def _prompt_masks(self, total: int, stored: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Padding and image masks of the stored keys: the last ``stored`` of ``total`` prompt tokens."""
-        valid = self._attention_mask
-        if valid is not None and valid.shape[-1] == total:
-            valid = valid[:, total - stored:].to(device=device).bool()
-            valid = None if bool(valid.all()) else valid
-        else:
-            valid = None
+    def _image_mask(self, total: int, stored: int, device) -> torch.Tensor | None:
+        """Image tokens among the stored keys (the last ``stored`` of ``total`` prompt tokens), a first prompt's."""
         ids = self._input_ids
         image = image_token_mask(ids, self.info) if ids is not None and ids.shape[-1] == total else None
-        return valid, None if image is None else image[:, total - stored:].to(device)
+        return None if image is None else image[:, total - stored:].to(device)
 
-    def _on_prefill(self, idx: int, cache, queries: torch.Tensor, scaling: float) -> None:
-        layer = cache.layers[idx]
-        keys, values = layer.keys, layer.values
-        stored = keys.shape[2]
-        # A sliding-window layer stores only the prompt's last tokens; its logical length is the prompt's.
-        total = int(getattr(layer, "cumulative_length", 0) or stored)
-        if queries.shape[2] < self.window or stored < self.window:
-            return
-        valid, image = self._prompt_masks(total, stored, keys.device)
-        if idx == 0:
-            self.image_mask = image
-            self.stats.prompt_length = total
-        record = LayerPrefill(
-            layer_idx=idx, num_layers=self.info.num_layers, queries=queries, keys=keys, values=values,
-            scaling=scaling, valid=valid, image_mask=image, window=self.window, kernel=self.kernel,
-        )
-        if self.on_capture is not None:
-            self.on_capture(record)
-            return
-        positions = held_positions(layer, None, None) if self.record else None
-        self._apply(idx, cache, self.method, record, total, positions)
-
-    def _compress(self, idx: int, cache, queries: torch.Tensor, scaling: float, method: Method, kind: str) -> None:
-        """Re-compress what layer ``idx`` holds now, scored by the last ``W`` ``queries``."""
+    def _compress(self, idx: int, cache, queries: torch.Tensor, scaling: float, method: Method | None,
+                  kind: str) -> None:
+        """Compress what layer ``idx`` holds now, scored by the last ``W`` ``queries``: a first prompt
+        (``kind="prefill"``; in capture mode handed to ``on_capture`` instead), or the kept tokens with a
+        later turn's segment (``"segment"``) or with decoded tokens (``"decode"``)."""
         layer = cache.layers[idx]
         keys, values, valid, logical = held_tokens(layer, self._attention_mask)
         if queries.shape[2] < self.window or keys.shape[2] <= self.window:
             return
+        image = real = None
         mask = self._attention_mask
-        real = mask.sum(-1).to(keys.device) if mask is not None and mask.shape[-1] == logical else None
+        if kind == "prefill":
+            image = self._image_mask(logical, keys.shape[2], keys.device)
+            if idx == 0:
+                self.image_mask = image
+                self.stats.prompt_length = logical
+        elif mask is not None and mask.shape[-1] == logical:
+            real = mask.sum(-1).to(keys.device)
         record = LayerPrefill(
             layer_idx=idx, num_layers=self.info.num_layers, queries=queries, keys=keys, values=values,
-            scaling=scaling, valid=valid, window=self.window, kernel=self.kernel, real_length=real,
+            scaling=scaling, valid=valid, image_mask=image, window=self.window, kernel=self.kernel,
+            real_length=real,
         )
+        if self.on_capture is not None:
+            self.on_capture(record)
+            return
         positions = None
         if self.record:
             prev = self.plans.get(idx)
@@ -358,7 +343,7 @@ class PressSession:
         if self._apply(idx, cache, method, record, logical, positions):
             if kind == "segment":
                 self.stats.segments_compressed += 1
-            else:
+            elif kind == "decode":
                 self.stats.decode_compressions += 1
 
     def _maybe_compress_decoded(self, idx: int, cache) -> None:

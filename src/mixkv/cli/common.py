@@ -7,10 +7,9 @@ a second, not a run.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..core.io import check_writable, write_json_atomic
+from ..core.io import check_writable, read_json, write_json_atomic
 from ..lab.machine import machine_description, setup_threads
 
 __all__ = ["check_outputs", "load_results", "machine_description", "nonneg_int", "parse_list", "positive_int",
@@ -63,13 +62,7 @@ def write_json(obj: dict, path: str | Path) -> Path:
 
 def load_results(path: str | Path, kind: str = "results") -> dict:
     """A results JSON written by one of the commands, with a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist")
-    try:
-        payload = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    payload = read_json(path)
     if not isinstance(payload, dict) or not isinstance(payload.get(kind), list):
         raise ValueError(f"{path}: not a mixkv results file (no {kind!r} list); give the --json of an earlier run")
     return payload

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash or Ctrl-C mid-write never leaves a file that looks complete."""
+"""JSON files: atomic writes (a crash or Ctrl-C mid-write never leaves a file that looks complete) and
+reads that say clearly what is wrong with a file."""
 
 from __future__ import annotations
 
@@ -42,3 +43,14 @@ def check_writable(path: str | Path) -> Path:
     except OSError as e:
         raise ValueError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
     return path
+
+
+def read_json(path: str | Path, what: str = "") -> object:
+    """The JSON in ``path``; a missing file or bad JSON raises an error naming the file (and ``what`` it is)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what + ' ' if what else ''}{str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e

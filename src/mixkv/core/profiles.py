@@ -22,13 +22,12 @@ shape raises (the authors' code applies one model's redundancy file to every mod
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .io import write_json_atomic
+from .io import read_json, write_json_atomic
 
 FORMAT = "mixkv-profile"
 VERSION = 1
@@ -136,15 +135,7 @@ def _profile(obj: dict) -> Profile:
 
 
 def load_profile(path: str | Path) -> Profile:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration profile {str(path)!r} does not exist")
-    with path.open() as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return profile_from_json(obj, str(path))
+    return profile_from_json(read_json(path, "calibration profile"), str(path))
 
 
 def require_scores(value, field: str, method: str, what: str) -> Profile:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..core.io import read_json
+
 DATA_DIR = "named_shapes"
 """Package data folder of the named shapes (not ``shapes/``: a folder next to ``shapes.py`` with
 the same name would shadow or be shadowed by this module, depending on the import machinery)."""
@@ -112,12 +114,7 @@ def shape_from_config(path: str | Path, name: str | None = None) -> ModelShape:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    config = read_json(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a model config (a JSON object is expected)")
     lm = language_part(config)

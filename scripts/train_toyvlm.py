@@ -9,7 +9,8 @@ Recipe (LLaVA-style, on a pretrained LM; see src/mixkv/testbeds/toyvlm/weights/M
    relative squared error to that target plus a cosine-softmax classification over all cell words.
 2. **Question answering** (LoRA on the LM's attention projections + the projector; vision tower frozen):
    multi-turn conversations about one image (one question of each task, random order), loss on the
-   assistant replies only. The frozen LM runs in bfloat16 (fast on CPUs with AMX/AVX512-BF16), the
+   assistant replies only. The frozen LM runs in bfloat16 on CPUs with AMX/AVX512-BF16 (float32 elsewhere:
+   bf16 matmuls without those units are ~100x slower, measured on an AVX2-only EPYC), the
    trained parameters stay float32.
 3. **Save** vision tower, projector and LoRA factors (fp16 safetensors) and config.json, then evaluate
    the saved model as users will load it (``load_toy_vlm``) with the full cache and under KV-cache
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from mixkv.testbeds.toyvlm import generator as gen
@@ -58,12 +60,26 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     p.add_argument("--projector-lr", type=float, default=2e-4)
     p.add_argument("--turns", type=int, default=3, help="questions per training image (multi-turn)")
-    p.add_argument("--tasks", default=",".join(gen.DEFAULT_TASKS))
+    p.add_argument("--tasks", default=None,
+                   help=f"comma list of {', '.join(gen.TASKS)} (default: colour,shape,text at grid 16, all five above)")
+    p.add_argument("--grid", type=int, default=gen.GRID, help="cells per side (one visual token per cell)")
+    p.add_argument("--stage1-shapes", default="3,5",
+                   help="min,max shapes per stage-1 image (more shapes = more position targets per step)")
     p.add_argument("--probe-every", type=int, default=25)
+    p.add_argument("--probe-per-task", type=int, default=8, help="held-out probe questions per task")
+    p.add_argument("--lm-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="dtype of the frozen LM in stage 2 (auto: bfloat16 only where the CPU has bf16 units)")
+    p.add_argument("--position-probe-weight", type=float, default=1.0,
+                   help="stage 1, grids other than 16: weight of the auxiliary row/column probe on every patch")
     p.add_argument("--n-eval", type=int, default=90, help="held-out samples for the final evaluation")
     p.add_argument("--eval-methods", default="full,random,snapkv,snapkv+mixkv")
     p.add_argument("--budget", type=int, default=64)
     p.add_argument("--window", type=int, default=32)
+    p.add_argument("--init-from", default=None,
+                   help="continue from a weights directory this script wrote (vision tower, projector, LoRA): "
+                        "stage 1 is skipped and stage 2 runs again with a fresh schedule")
+    p.add_argument("--data-offset", type=int, default=0,
+                   help="skip this many training conversations (a continuation sees new data)")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--no-eval", action="store_true")
     return p.parse_args(argv)
@@ -94,11 +110,78 @@ def scene_labels(scene: gen.Scene, index: dict[str, int]) -> torch.Tensor:
     return torch.tensor([index[w] for w in gen.cell_words(scene)], dtype=torch.long)
 
 
+def position_targets(tokenizer, embed: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input embeddings of the row labels (" A", " B", ...) and column labels (" a", " b", ...)."""
+    def one(labels: str) -> torch.Tensor:
+        ids = [tokenizer(" " + ch, add_special_tokens=False)["input_ids"] for ch in labels[:grid]]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError("a row / column label is not a single token")
+        return embed[[i[0] for i in ids]]
+
+    return one(gen.ROW_LABELS), one(gen.COL_LABELS)
+
+
+def scene_positions(scene: gen.Scene) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per visual token: (row, col) of shape cells (grounding reads them from the shape's token), -1 elsewhere."""
+    rows = torch.full((scene.num_patches,), -1, dtype=torch.long)
+    cols = torch.full((scene.num_patches,), -1, dtype=torch.long)
+    for e in scene.shapes:
+        rows[e.patch_in(scene.grid)], cols[e.patch_in(scene.grid)] = e.row, e.col
+    return rows, cols
+
+
+def _shifted_cosines(feats: torch.Tensor, words: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``cos(feats[n], words[k] + shift[n])`` for all n, k as (N, K), without building (N, K, D)."""
+    f = F.normalize(feats, dim=-1)
+    dots = f @ words.t() + (f * shift).sum(-1, keepdim=True)
+    norms = ((words**2).sum(-1).unsqueeze(0) + 2 * shift @ words.t() + (shift**2).sum(-1, keepdim=True))
+    return dots / norms.clamp_min(1e-12).sqrt()
+
+
+def _cos_ce(feats: torch.Tensor, words: torch.Tensor, shift: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a cosine softmax (temperature 0.05) over candidates ``words[k] + shift[n]``."""
+    return F.cross_entropy(_shifted_cosines(feats, words, shift) / 0.05, labels, reduction="none")
+
+
 def image_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 256, hidden) projector outputs, as LlavaForConditionalGeneration computes them."""
+    """(B, patches, hidden) projector outputs, as LlavaForConditionalGeneration computes them."""
     out = vlm.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=-1,
                                        vision_feature_select_strategy="default")
     return torch.stack(list(out.pooler_output))
+
+
+def stage1_batch(scenes, index, targets, row_emb, col_emb):
+    """(labels, rows, cols, full targets) of a list of scenes, one row per visual token."""
+    labels = torch.stack([scene_labels(s, index) for s in scenes]).reshape(-1)
+    pos = [scene_positions(s) for s in scenes]
+    rows = torch.stack([p[0] for p in pos]).reshape(-1)
+    cols = torch.stack([p[1] for p in pos]).reshape(-1)
+    has = rows >= 0
+    tgt = targets[labels].clone()
+    tgt[has] += row_emb[rows[has]] + col_emb[cols[has]]
+    return labels, rows, cols, tgt
+
+
+def stage1_losses(feats, labels, rows, cols, tgt, targets, row_emb, col_emb):
+    """Per-token loss: relative squared error to the target + factored cosine-softmax classifications.
+
+    The content word competes with every other word (plus the cell's own position part); on shape
+    cells the row label competes with every other row (same content and column), and the column likewise.
+    """
+    rel = ((feats - tgt) ** 2).sum(-1) / (tgt**2).sum(-1)
+    pos_part = tgt - targets[labels]
+    per = rel + _cos_ce(feats, targets, pos_part, labels)
+    has = rows >= 0
+    if has.any():
+        f, t = feats[has], tgt[has]
+        r, c = rows[has], cols[has]
+        base_r = t - row_emb[r]
+        base_c = t - col_emb[c]
+        per_row = _cos_ce(f, row_emb, base_r, r)
+        per_col = _cos_ce(f, col_emb, base_c, c)
+        per = per.clone()
+        per[has] = per[has] + per_row + per_col
+    return per, rel
 
 
 def stage1(vlm, tokenizer, proc, args, log) -> dict:
@@ -106,27 +189,42 @@ def stage1(vlm, tokenizer, proc, args, log) -> dict:
     words = cell_vocabulary()
     index = {w: i for i, w in enumerate(words)}
     targets = word_targets(tokenizer, embed, words)
-    unit = F.normalize(targets, dim=-1)
+    positions = args.grid != gen.GRID  # v2 (grounding): shape cells also carry their row / column label
+    row_emb, col_emb = position_targets(tokenizer, embed, args.grid)
+    if not positions:
+        row_emb, col_emb = row_emb * 0, col_emb * 0
+    shapes = tuple(int(x) for x in args.stage1_shapes.split(","))
+    # Auxiliary probe (discarded after training): every patch's vision feature must tell its row and
+    # column, so the position embeddings learn the grid from all 576 patches of every image, not only
+    # from the few shape cells whose projector targets carry row / column labels.
+    width = vlm.config.vision_config.hidden_size
+    aux = nn.Linear(width, 2 * args.grid) if positions else None
+    grid_rows = torch.arange(args.grid).repeat_interleave(args.grid)
+    grid_cols = torch.arange(args.grid).repeat(args.grid)
     params = list(vlm.model.vision_tower.parameters()) + list(vlm.model.multi_modal_projector.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=args.stage1_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params + (list(aux.parameters()) if aux else []), lr=args.stage1_lr, weight_decay=0.01)
     sched = _schedule(opt, args.stage1_steps, warmup=20)
     vlm.model.vision_tower.train()
     seed = STAGE1_SEED_BASE
     bar = tqdm(range(args.stage1_steps), desc="stage 1 (visual words)", file=sys.stdout, mininterval=5)
     for step in bar:
-        scenes = [gen.make_scene(seed + i) for i in range(args.stage1_batch)]
+        scenes = [gen.make_scene(seed + i, n_shapes=shapes, grid=args.grid) for i in range(args.stage1_batch)]
         seed += args.stage1_batch
         pixels = proc.pixel_values([gen.render(s) for s in scenes])
-        labels = torch.stack([scene_labels(s, index) for s in scenes]).reshape(-1)
-        feats = image_features(vlm, pixels).reshape(-1, targets.shape[1])
-        tgt = targets[labels]
-        rel = ((feats - tgt) ** 2).sum(-1) / (tgt**2).sum(-1)
-        ce = F.cross_entropy(F.normalize(feats, dim=-1) @ unit.t() / 0.05, labels, reduction="none")
-        per = rel + ce
+        labels, rows, cols, tgt = stage1_batch(scenes, index, targets, row_emb, col_emb)
+        hidden = vlm.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+        feats = vlm.model.multi_modal_projector(hidden).reshape(-1, targets.shape[1])
+        per, rel = stage1_losses(feats, labels, rows, cols, tgt, targets, row_emb, col_emb)
         informative = labels != 0
         loss = per[informative].mean() + per[~informative].mean()
+        if aux is not None:
+            logits = aux(hidden.reshape(-1, width))
+            n = len(scenes)
+            loss = loss + args.position_probe_weight * (
+                F.cross_entropy(logits[:, : args.grid], grid_rows.repeat(n))
+                + F.cross_entropy(logits[:, args.grid :], grid_cols.repeat(n)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -139,17 +237,25 @@ def stage1(vlm, tokenizer, proc, args, log) -> dict:
         p.requires_grad_(False)
     # held-out check: nearest cell word (cosine) of every patch of fresh images
     with torch.no_grad():
-        scenes = [gen.make_scene(PROBE_SEED_BASE + 50_000 + i) for i in range(32)]
+        scenes = [gen.make_scene(PROBE_SEED_BASE + 50_000 + i, grid=args.grid) for i in range(32)]
         pixels = proc.pixel_values([gen.render(s) for s in scenes])
-        labels = torch.stack([scene_labels(s, index) for s in scenes]).reshape(-1)
+        labels, rows, cols, tgt = stage1_batch(scenes, index, targets, row_emb, col_emb)
         feats = image_features(vlm, pixels).reshape(-1, targets.shape[1])
-        pred = (F.normalize(feats, dim=-1) @ unit.t()).argmax(-1)
+        pos_part = tgt - targets[labels]
+        pred = _shifted_cosines(feats, targets, pos_part).argmax(-1)
         informative = labels != 0
         acc_inf = (pred[informative] == labels[informative]).float().mean().item()
         acc_blank = (pred[~informative] == labels[~informative]).float().mean().item()
-        rel = (((feats - targets[labels]) ** 2).sum(-1) / (targets[labels] ** 2).sum(-1)).mean().item()
+        rel = (((feats - tgt) ** 2).sum(-1) / (tgt**2).sum(-1)).mean().item()
+        has = rows >= 0
+        f, t = feats[has], tgt[has]
+        row_pred = _shifted_cosines(f, row_emb, t - row_emb[rows[has]]).argmax(-1)
+        col_pred = _shifted_cosines(f, col_emb, t - col_emb[cols[has]]).argmax(-1)
     result = {"cell_word_accuracy_informative": acc_inf, "cell_word_accuracy_blank": acc_blank,
               "relative_squared_error": rel}
+    if positions:
+        result["row_label_accuracy"] = (row_pred == rows[has]).float().mean().item()
+        result["column_label_accuracy"] = (col_pred == cols[has]).float().mean().item()
     log(f"stage 1 held-out: {json.dumps(result)}")
     return result
 
@@ -158,13 +264,13 @@ def stage1(vlm, tokenizer, proc, args, log) -> dict:
 # stage 2: question answering
 
 
-def conversation(seed: int, proc: tv.ToyVLMProcessor, tasks: tuple[str, ...], turns: int):
+def conversation(seed: int, proc: tv.ToyVLMProcessor, tasks: tuple[str, ...], turns: int, grid: int = gen.GRID):
     """(input_ids, labels, image) of a multi-turn conversation about the scene of ``seed``.
 
     The first turn is exactly the inference prompt; later turns ask other tasks (colour and shape
     questions about different shapes, so no reply gives away a later answer).
     """
-    scene = gen.make_scene(seed)
+    scene = gen.make_scene(seed, grid=grid)
     rng = random.Random(seed * 31 + 7)
     order = list(tasks)
     rng.shuffle(order)
@@ -174,9 +280,9 @@ def conversation(seed: int, proc: tv.ToyVLMProcessor, tasks: tuple[str, ...], tu
     for task in order:
         for _ in range(20):
             s = gen.questions_for(scene, task, rng)
-            if task not in ("colour", "shape") or s.answer_patches[0] not in used:
+            if task not in ("colour", "shape", "ground") or s.answer_patches[0] not in used:
                 break
-        if task in ("colour", "shape"):
+        if task in ("colour", "shape", "ground"):
             used.add(s.answer_patches[0])
         samples.append(s)
     tok = proc.tokenizer
@@ -207,14 +313,23 @@ def collate(batch, pad_id: int):
     return input_ids, labels, mask
 
 
-def qa_loss(vlm, proc, input_ids, labels, mask, pixel_values):
+def fast_bf16() -> bool:
+    """True where the CPU has bf16 matmul units (AVX512-BF16 or AMX); elsewhere bf16 is far slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def qa_loss(vlm, proc, input_ids, labels, mask, pixel_values, dtype=torch.bfloat16):
     """Mean cross-entropy over reply tokens; also returns per-token correctness (teacher forcing)."""
     lm = vlm.model.language_model
     with torch.no_grad():
-        hidden = vlm.model.vision_tower(pixel_values.to(torch.bfloat16), output_hidden_states=True)
+        hidden = vlm.model.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
         hidden = hidden.hidden_states[-1][:, 1:].float()
     feats = vlm.model.multi_modal_projector(hidden)  # float32, trainable
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         embeds = lm.embed_tokens(input_ids)
         image = (input_ids == proc.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(image, feats.to(embeds.dtype))
@@ -227,7 +342,7 @@ def qa_loss(vlm, proc, input_ids, labels, mask, pixel_values):
     return loss, logits.argmax(-1) == gold
 
 
-def probe(vlm, proc, probe_set) -> dict:
+def probe(vlm, proc, probe_set, dtype=torch.bfloat16) -> dict:
     """Teacher-forced accuracy of whole replies / of the answer tokens on held-out single questions."""
     vlm.eval()
     by_task: dict[str, list[float]] = {}
@@ -237,7 +352,7 @@ def probe(vlm, proc, probe_set) -> dict:
             batch = [conversation_single(s, proc) for s in chunk]
             input_ids, labels, mask = collate(batch, proc.tokenizer.pad_token_id or 0)
             pixels = proc.pixel_values([b[2] for b in batch])
-            _, correct = qa_loss(vlm, proc, input_ids, labels, mask, pixels)
+            _, correct = qa_loss(vlm, proc, input_ids, labels, mask, pixels, dtype)
             counts = [sum(1 for x in lab if x != -100) for _, lab, _ in batch]
             at = 0
             for s, c in zip(chunk, counts):
@@ -254,13 +369,18 @@ def conversation_single(s: gen.Sample, proc):
 
 
 def stage2(vlm, proc, args, log) -> tuple[dict, list[dict]]:
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    tasks = args.task_list
     lm = vlm.model.language_model
     for p in vlm.parameters():
         p.requires_grad_(False)
-    lm.to(torch.bfloat16)
-    vlm.model.vision_tower.to(torch.bfloat16)
+    lm.to(args.lm_torch_dtype)
+    vlm.model.vision_tower.to(args.lm_torch_dtype)
     lora = tv.apply_lora(lm, args.lora_rank, args.lora_alpha)
+    if args.init_tensors is not None:  # continuation: start from the saved LoRA factors
+        with torch.no_grad():
+            for path, module in lora.items():
+                module.lora_A.copy_(args.init_tensors[f"lora.{path}.A"].float())
+                module.lora_B.copy_(args.init_tensors[f"lora.{path}.B"].float())
     lora_params = [p for m in lora.values() for p in (m.lora_A, m.lora_B)]
     proj_params = list(vlm.model.multi_modal_projector.parameters())
     for p in lora_params + proj_params:
@@ -268,20 +388,21 @@ def stage2(vlm, proc, args, log) -> tuple[dict, list[dict]]:
     opt = torch.optim.AdamW([{"params": lora_params, "lr": args.lr},
                              {"params": proj_params, "lr": args.projector_lr}], weight_decay=0.0)
     sched = _schedule(opt, args.stage2_steps, warmup=15)
-    probe_set = [gen.make_sample(PROBE_SEED_BASE + i, tasks[i % len(tasks)]) for i in range(8 * len(tasks))]
+    probe_set = [gen.make_sample(PROBE_SEED_BASE + i, tasks[i % len(tasks)], grid=args.grid)
+                 for i in range(args.probe_per_task * len(tasks))]
     history = []
-    seed = TRAIN_SEED_BASE
+    seed = TRAIN_SEED_BASE + args.data_offset
     pad = proc.tokenizer.pad_token_id or 0
     bar = tqdm(range(args.stage2_steps), desc="stage 2 (QA, LoRA)", file=sys.stdout, mininterval=5)
     ema = None
     t0 = time.perf_counter()
     for step in bar:
         vlm.train()
-        batch = [conversation(seed + i, proc, tasks, args.turns) for i in range(args.stage2_batch)]
+        batch = [conversation(seed + i, proc, tasks, args.turns, args.grid) for i in range(args.stage2_batch)]
         seed += args.stage2_batch
         input_ids, labels, mask = collate(batch, pad)
         pixels = proc.pixel_values([b[2] for b in batch])
-        loss, _ = qa_loss(vlm, proc, input_ids, labels, mask, pixels)
+        loss, _ = qa_loss(vlm, proc, input_ids, labels, mask, pixels, args.lm_torch_dtype)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lora_params + proj_params, 1.0)
@@ -290,7 +411,7 @@ def stage2(vlm, proc, args, log) -> tuple[dict, list[dict]]:
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}")
         if (step + 1) % args.probe_every == 0 or step == args.stage2_steps - 1:
-            acc = probe(vlm, proc, probe_set)
+            acc = probe(vlm, proc, probe_set, args.lm_torch_dtype)
             history.append({"step": step + 1, "loss_ema": ema, "probe": acc,
                             "minutes": (time.perf_counter() - t0) / 60})
             log(f"step {step + 1}: loss {ema:.3f}, teacher-forced reply accuracy {acc}")
@@ -333,10 +454,10 @@ def save(vlm, lora, out: Path, args, vision_config: dict, image_token_id: int, e
         "projector": {"hidden_act": "gelu", "vision_feature_layer": -1, "vision_feature_select_strategy": "default"},
         "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": list(tv.LORA_TARGETS),
                  "merged_at_load": True},
-        "processor": {"image_size": gen.IMAGE_SIZE, "num_image_tokens": gen.NUM_PATCHES, "mean": tv.IMAGE_MEAN,
+        "processor": {"image_size": args.grid * gen.CELL, "num_image_tokens": args.grid**2, "mean": tv.IMAGE_MEAN,
                       "std": tv.IMAGE_STD, "prompt_suffix": tv.PROMPT_SUFFIX, "chat_template": "SmolLM2 (tokenizer)"},
-        "grid": {"cells": gen.GRID, "cell_pixels": gen.CELL},
-        "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()],
+        "grid": {"cells": args.grid, "cell_pixels": gen.CELL},
+        "tasks": list(args.task_list),
         "training": extra,
     }
     (out / tv.CONFIG_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
@@ -346,12 +467,12 @@ def evaluate_saved(out: Path, args, log) -> dict:
     """Greedy answers of the saved model (as ``load_toy_vlm`` gives it) on held-out seeds 0..n-1."""
     from mixkv.lab.evaluation import EvalConfig, evaluate, mean_over_tasks, toyvlm_items
 
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    tasks = args.task_list
     model, proc = tv.load_toy_vlm(torch.float32, out)
-    samples = gen.make_samples(args.n_eval, seed=0, tasks=tasks)
+    samples = gen.make_samples(args.n_eval, seed=0, tasks=tasks, grid=proc.grid)
     items = toyvlm_items(proc, samples)
     methods = [m.strip() for m in args.eval_methods.split(",") if m.strip()]
-    config = EvalConfig(methods=methods, budgets=[args.budget], max_new_tokens=14, window=args.window)
+    config = EvalConfig(methods=methods, budgets=[args.budget], max_new_tokens=16, window=args.window)
     t0 = time.perf_counter()
     res = evaluate(model, items, config, proc.decode, {proc.eos_token_id})
     seconds = time.perf_counter() - t0
@@ -371,6 +492,13 @@ def evaluate_saved(out: Path, args, log) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    default = gen.DEFAULT_TASKS if args.grid == gen.GRID else gen.TASKS
+    args.task_list = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else default
+    unknown = [t for t in args.task_list if t not in gen.TASKS]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; accepted: {', '.join(gen.TASKS)}")
+    use_bf16 = args.lm_dtype == "bfloat16" or (args.lm_dtype == "auto" and fast_bf16())
+    args.lm_torch_dtype = torch.bfloat16 if use_bf16 else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -388,11 +516,22 @@ def main(argv=None) -> int:
         t_start = time.perf_counter()
         lm, tokenizer = load_model("smollm2-135m", dtype=torch.float32)
         image_token_id = tokenizer.convert_tokens_to_ids(tv.IMAGE_TOKEN)
-        vlm = tv.build_from_smollm2(lm, tv.VISION_CONFIG, image_token_id, init_vision=True)
+        vision_config = {**tv.VISION_CONFIG, "image_size": args.grid * gen.CELL}
+        vlm = tv.build_from_smollm2(lm, vision_config, image_token_id, init_vision=True)
         del lm
-        proc = tv.ToyVLMProcessor(tokenizer, image_token_id)
+        proc = tv.ToyVLMProcessor(tokenizer, image_token_id, args.grid**2, args.grid * gen.CELL)
         t1 = time.perf_counter()
-        s1 = stage1(vlm, tokenizer, proc, args, log)
+        args.init_tensors = None
+        if args.init_from:
+            from safetensors.torch import load_file
+
+            args.init_tensors = load_file(str(Path(args.init_from) / tv.WEIGHTS_FILE))
+            tv.load_trained(vlm, args.init_tensors, None)  # vision tower + projector; LoRA after apply_lora
+            prior = tv.read_config(Path(args.init_from)).get("training", {})
+            s1 = {"continued_from": str(args.init_from), "prior_training": prior}
+            log(f"continuing from {args.init_from} (stage 1 skipped)")
+        else:
+            s1 = stage1(vlm, tokenizer, proc, args, log)
         t2 = time.perf_counter()
         lora, history = stage2(vlm, proc, args, log)
         t3 = time.perf_counter()
@@ -407,7 +546,7 @@ def main(argv=None) -> int:
             "wall_minutes_total": (t3 - t_start) / 60,
             "machine": f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
         }
-        save(vlm, lora, out, args, dict(tv.VISION_CONFIG), image_token_id, extra)
+        save(vlm, lora, out, args, vision_config, image_token_id, extra)
         log(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB); "
             f"training wall time {(t3 - t_start) / 60:.1f} min")
         del vlm

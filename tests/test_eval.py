@@ -97,3 +97,26 @@ def test_eval_replots_from_json(tiny_dir, tmp_path):
     plot = tmp_path / "again.png"
     assert main(["eval", "--from-json", str(out), "--plot", str(plot)]) == 0
     assert plot.stat().st_size > 1000
+
+
+def test_items_can_cap_tokens_add_scores_and_record_kept_answers():
+    """A short expected reply caps decoding; extra scores land in samples and results; ``observe`` sees
+    each run's plans (the gap analysis reads which answer tokens were kept)."""
+    from mixkv.lab.gap import answer_kept, kept_record
+
+    model = make_model("llama")
+    inputs = make_inputs(model, "llama", seed=0)
+    n = inputs["input_ids"].shape[1]
+    item = EvalItem(task="t", inputs=inputs, score=lambda text: 1.0, max_new_tokens=2,
+                    extra_scores={"near": lambda text: 0.5}, meta={"answer_positions": [1, n - 1]})
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    config = EvalConfig(methods=["full", "snapkv"], budgets=[12], window=4, max_new_tokens=6)
+    out = evaluate(model, [item], config, decode_text=lambda ids: " ".join(map(str, ids)), progress=False,
+                   observe=lambda it, run: kept_record(answer_kept(run.plans, layers, heads,
+                                                                   it.meta["answer_positions"])))
+    by = {s["method"]: s for s in out["samples"]}
+    assert all(len(s["output"].split()) == 2 and s["score_near"] == 0.5 for s in by.values())
+    assert all(r["accuracy_near"] == 0.5 for r in out["results"])
+    assert by["full"]["answer_kept"] == 1.0
+    # the last prompt token is in every window; position 1 survives only where a head scored it high
+    assert 0.5 <= by["snapkv"]["answer_kept"] <= 1.0 and len(by["snapkv"]["answer_kept_heads"]) == layers * heads

@@ -93,23 +93,28 @@ def test_larger_grids_are_deterministic_and_use_the_whole_board():
 
 def test_grounding_is_scored_exactly_and_within_one_cell():
     s = gen.make_sample(4, "ground", grid=24)
-    r, c = (int(x) for x in s.answer.split(","))
+    r, c = (int(x) - 1 for x in s.answer.split(","))  # 0-based
     colour_shape = s.question.removeprefix("Where is the ").rstrip("?")
-    assert s.reply == f"The {colour_shape} is in row {r}, column {c}."
+    assert s.reply == f"The {colour_shape} is in row {gen.ROW_LABELS[r]}, column {gen.COL_LABELS[c]}."
+    assert gen.cell_name(4, 11) == "row E, column l"
     cases = {  # reply -> (exact, within one cell)
         s.reply: (1.0, 1.0),
-        f"row {r + 1}, column {c}": (0.0, 1.0),
-        f"It is at {r - 1}, {c + 1}.": (0.0, 1.0),
-        f"row {r + 2}, column {c}": (0.0, 0.0),
-        f"row {r}, column {c + 2}": (0.0, 0.0),
-        f"row {r}": (0.0, 0.0),
+        f"It is in {gen.cell_name(r + 1, c)}.": (0.0, 1.0),
+        f"{gen.cell_name(r - 1, c + 1)}": (0.0, 1.0),
+        f"row {gen.ROW_LABELS[r]} column {gen.COL_LABELS[c]}": (1.0, 1.0),  # the comma is optional
+        f"{gen.cell_name(r + 2, c)}": (0.0, 0.0),
+        f"{gen.cell_name(r, c + 2)}": (0.0, 0.0),
+        f"row {gen.ROW_LABELS[r]}": (0.0, 0.0),
+        f"row {r + 1}, column {c + 1}": (0.0, 0.0),  # numbers are not how the model names cells
         "nowhere": (0.0, 0.0),
-        f"row {r}, column {c}, or row 1, column 1": (1.0, 1.0),  # the first two numbers count
+        f"{gen.cell_name(r, c)}, or {gen.cell_name(0, 0)}": (1.0, 1.0),  # the first cell named counts
     }
     for reply, (exact, near) in cases.items():
         assert (gen.score(s, reply), gen.score_near(s, reply)) == (exact, near), reply
     count = gen.make_sample(4, "count", grid=24)
     assert gen.score_near(count, count.reply) == gen.score(count, count.reply) == 1.0
+    with pytest.raises(ValueError, match="grids up to 26"):
+        gen.make_sample(0, "ground", grid=27)
 
 
 def test_score_takes_the_first_candidate():

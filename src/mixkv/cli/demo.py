@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", default="full,snapkv,snapkv+mixkv,adakv,adakv+mixkv")
     p.add_argument("--budget", type=positive_int, default=defaults.BUDGET)
     p.add_argument("--window", type=positive_int, default=defaults.WINDOW)
-    p.add_argument("--tasks", default=None, help="toy-vlm: colour,shape,text; LLMs: passkey,kv_retrieval,redundant")
+    p.add_argument("--tasks", default=None,
+                   help="toy VLMs: the tasks they were trained on; LLMs: passkey,kv_retrieval,redundant")
     p.add_argument("--length", type=positive_int, default=1500, help="LLM prompts: length in tokens")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--max-new-tokens", type=positive_int, default=12)
@@ -49,12 +50,13 @@ def _vlm_prompts(processor, tasks: list[str], seed: int) -> list[Prompt]:
 
     out = []
     for i, task in enumerate(tasks):
-        s = gen.make_sample(seed + i, task=task)
+        s = gen.make_sample(seed + i, task=task, grid=processor.grid)
         inputs = processor.sample_inputs(s)
         start = processor.image_start(inputs["input_ids"])
         out.append(Prompt(task, inputs, s.answer, lambda text, s=s: gen.score(s, text),
-                          {"image": s.image, "grid": (gen.GRID, gen.GRID), "answer_patches": s.answer_patches,
-                           "image_positions": list(range(start, start + gen.NUM_PATCHES)),
+                          {"image": s.image, "grid": (processor.grid, processor.grid),
+                           "answer_patches": s.answer_patches,
+                           "image_positions": list(range(start, start + processor.num_image_tokens)),
                            "question": s.question}))
     return out
 
@@ -82,7 +84,7 @@ def run(args) -> int:
     model, processor = sources.load(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s on {machine_description()}")
     if is_vlm:
-        prompts = _vlm_prompts(processor, parse_list(args.tasks or "colour,shape,text"), args.seed)
+        prompts = _vlm_prompts(processor, parse_list(args.tasks or ",".join(processor.tasks)), args.seed)
     else:
         prompts = _text_prompts(processor, parse_list(args.tasks or "passkey,kv_retrieval,redundant"), args.seed,
                                 args.length)

@@ -43,7 +43,12 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--json", default=None, help="write results here (JSON)")
     p.add_argument("--plot", default=None, help="write a PNG of accuracy vs budget here")
-    p.add_argument("--from-json", default=None, help="no run: print the table and draw --plot from this JSON")
+    p.add_argument("--task-plot", default=None, help="write a PNG with one accuracy-vs-budget panel per task here")
+    p.add_argument("--gap-plot", default=None,
+                   help="toy VLMs: record which answer tokens each method kept and draw the gap analysis here")
+    p.add_argument("--gap-budget", type=positive_int, default=64, help="budget of the gap plot's middle/right panels")
+    p.add_argument("--from-json", default=None,
+                   help="no run: print the tables and draw --plot / --task-plot / --gap-plot from this JSON")
     p.add_argument("--followup", action="store_true",
                    help=f"{sources.TOY_VLM} only: ask a second question on the first one's compressed cache "
                         "(two generate calls inside one press) and score both answers")
@@ -58,24 +63,100 @@ def _title(payload: dict) -> str:
 
 
 def replot(args) -> int:
-    check_outputs(args.plot)
+    check_outputs(args.plot, args.task_plot, args.gap_plot)
     payload = load_results(args.from_json)
     print(report.accuracy_tables(payload["results"]))
-    if args.plot:
+    _figures(args, payload)
+    return 0
+
+
+def _figures(args, payload: dict) -> None:
+    """Draw the figures asked for; print the gap table when the payload has one."""
+    results = payload["results"]
+    if args.plot and results:
         from ..lab.figures import plot_accuracy
 
-        print(f"wrote {plot_accuracy(payload['results'], args.plot, _title(payload))}")
-    return 0
+        print(f"wrote {plot_accuracy(results, args.plot, _title(payload))}")
+    if args.task_plot and results:
+        from ..lab.figures import plot_accuracy_by_task
+
+        print(f"wrote {plot_accuracy_by_task(results, args.task_plot, _title(payload))}")
+    gap = payload.get("gap")
+    if gap:
+        print("\n" + gap_table(gap["summary"], results))
+    if args.gap_plot:
+        if not gap:
+            raise ValueError("no gap analysis in these results: run with --gap-plot on a toy VLM")
+        import torch
+
+        from ..lab.figures import plot_gap
+
+        maps = {k.rsplit("@", 1)[0]: torch.tensor(v) for k, v in gap["heads"].items()
+                if k.endswith(f"@{args.gap_budget}")}
+        if not maps:
+            raise ValueError(f"no budget {args.gap_budget} in the gap records; "
+                             f"budgets: {sorted({r['budget'] for r in gap['summary'] if r['budget']})}")
+        title = f"{payload.get('model')}: why compressed caches trail the full one"
+        print(f"wrote {plot_gap(gap['summary'], maps, args.gap_plot, title, args.gap_budget)}")
+
+
+def gap_table(summary: list[dict], results: list[dict]) -> str:
+    """The gap analysis as a table: accuracy, answer kept, failure split, share of the gap MixKV closes."""
+    from ..lab.gap import gap_closed
+
+    rows = []
+    for r in summary:
+        closed = gap_closed(results, r["method"].removesuffix("+mixkv"), r["budget"]) \
+            if r["method"].endswith("+mixkv") and r["budget"] else None
+        rows.append([r["method"], r["budget"] or "-", f"{100 * r['accuracy']:.1f}%", f"{100 * r['answer_kept']:.1f}%",
+                     f"{100 * r['dropped'] / r['n']:.1f}%", f"{100 * r['kept_but_wrong'] / r['n']:.1f}%",
+                     "-" if r["accuracy_when_kept"] is None else f"{100 * r['accuracy_when_kept']:.1f}%",
+                     "-" if closed is None else f"{100 * closed:.0f}%"])
+    return "gap analysis (all tasks)\n" + report.format_table(
+        ["method", "budget", "accuracy", "answer kept", "failed: dropped", "failed: kept", "acc. when kept",
+         "gap closed"], rows)
+
+
+def _observer(model):
+    """``observe`` for :func:`evaluate`: which answer tokens each (layer, KV head) kept."""
+    from ..lab.gap import answer_kept, kept_record
+
+    text = getattr(model.config, "text_config", model.config)
+    layers = text.num_hidden_layers
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+
+    def observe(item, run) -> dict:
+        return kept_record(answer_kept(run.plans, layers, heads, item.meta["answer_positions"]))
+
+    return observe, layers
+
+
+def _gap_payload(samples: list[dict], layers: int) -> dict:
+    """Summary rows and per-(method, budget) head maps; the per-run head lists are dropped from samples."""
+    from ..lab.gap import gap_summary, heads_map
+
+    summary = gap_summary(samples)
+    heads = {f"{r['method']}@{r['budget']}": heads_map(samples, r["method"], r["budget"], layers).tolist()
+             for r in summary if r["budget"] is not None}
+    for s in samples:
+        s.pop("answer_kept_heads", None)
+    return {"summary": summary, "heads": heads,
+            "note": "answer_kept: share of (layer, KV head, answer token) kept; dropped: a failure whose least-kept "
+                    "answer token is held by < 50% of the (layer, head) caches"}
 
 
 def _task_names(args) -> list[str]:
     if sources.is_toy_vlm(args.model):
         from ..testbeds.toyvlm import generator as gen
 
-        names = parse_list(args.tasks or ",".join(gen.DEFAULT_TASKS))
+        trained = sources.toy_vlm_config(args.model).get("tasks", list(gen.DEFAULT_TASKS))
+        names = parse_list(args.tasks or ",".join(trained))
         unknown = [t for t in names if t not in gen.TASKS]
         if unknown:
             raise ValueError(f"unknown toy-vlm task(s) {unknown}; accepted: {', '.join(gen.TASKS)}")
+        untrained = [t for t in names if t not in trained]
+        if untrained:
+            raise ValueError(f"{args.model} was not trained on {untrained}; its tasks: {', '.join(trained)}")
         return names
     return task_suite.validate_tasks(parse_list(args.tasks or ",".join(task_suite.TASKS)))
 
@@ -84,7 +165,9 @@ def run(args) -> int:
     if args.from_json:
         return replot(args)
     # Everything that can be wrong is checked before the model loads.
-    check_outputs(args.json, args.plot)
+    check_outputs(args.json, args.plot, args.task_plot, args.gap_plot)
+    if args.gap_plot and not sources.is_toy_vlm(args.model):
+        raise ValueError("--gap-plot needs a toy VLM (toy-vlm, toy-vlm-24): its samples know where the answer is")
     sources.check_model_name(args.model)
     if args.profile is not None and not Path(args.profile).is_file():
         raise FileNotFoundError(f"calibration profile {args.profile!r} does not exist")
@@ -101,13 +184,16 @@ def run(args) -> int:
     if sources.is_toy_vlm(args.model):
         from ..testbeds.toyvlm import generator as gen
 
-        samples = [gen.make_sample(args.seed + i, task=t) for t in names for i in range(args.n)]
+        # tasks interleaved, so an interrupted run (Ctrl-C keeps what was measured) covers every task
+        samples = [gen.make_sample(args.seed + i, task=t, grid=tokenizer.grid) for i in range(args.n) for t in names]
         items = toyvlm_items(tokenizer, samples)
     else:
         samples = task_suite.make_suite(names, args.n, args.seed, args.length, tokenizer)
         items = text_items(tokenizer, samples, task_suite.build_prompt, task_suite.score, model.device)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    out = evaluate(model, items, config, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), eos)
+    observe, layers = _observer(model) if args.gap_plot else (None, 0)
+    out = evaluate(model, items, config, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), eos,
+                   observe=observe)
     results = out["results"] + mean_over_tasks(out["results"])
     elapsed = time.perf_counter() - start
     lengths = [it.meta["tokens"] for it in items]
@@ -124,16 +210,15 @@ def run(args) -> int:
         },
         "samples": out["samples"],
     }
+    if observe is not None:
+        payload["gap"] = _gap_payload(out["samples"], layers)
     if results:
         print(report.accuracy_tables(results))
     print(f"\n{len(items)} prompts, {len(config.grid())} method/budget runs each, "
           f"{elapsed:.0f} s on {machine_description()}")
     if args.json:
         print(f"wrote {write_json(payload, args.json)}" + (" (partial: interrupted)" if out["interrupted"] else ""))
-    if args.plot and results:
-        from ..lab.figures import plot_accuracy
-
-        print(f"wrote {plot_accuracy(results, args.plot, _title(payload))}")
+    _figures(args, payload)
     if out["interrupted"]:
         raise KeyboardInterrupt
     return 0
@@ -151,7 +236,7 @@ def run_followup_eval(args, config: EvalConfig, names: list[str]) -> int:
     threads = setup_threads(args.threads)
     start = time.perf_counter()
     model, processor = sources.load(args.model, args.dtype)
-    pairs = followup_pairs(args.n * len(names), args.seed, names)
+    pairs = followup_pairs(args.n * len(names), args.seed, names, processor.grid)
     rows = run_followup(model, processor, pairs, config.methods, config.budgets, args.window, args.max_new_tokens,
                         progress=lambda m: print(f"  {m} ({time.perf_counter() - start:.0f} s)", flush=True))
     means = {(r["method"], r["budget"], r["turn"]): r["accuracy"] for r in rows if r["task"] == "mean"}

@@ -515,14 +515,15 @@ def toyvlm_samples(processor, n: int, seed: int = DEFAULT_SEED, **_: Any) -> lis
     from ..testbeds.toyvlm import generator as gen
 
     out = []
-    for i, s in enumerate(gen.make_samples(n, seed)):
+    grid = getattr(processor, "grid", gen.GRID)
+    for i, s in enumerate(gen.make_samples(n, seed, tasks=getattr(processor, "tasks", gen.DEFAULT_TASKS), grid=grid)):
         inputs = processor.sample_inputs(s)
         ids = inputs["input_ids"][0]
         answer = torch.zeros(ids.shape[0], dtype=torch.bool)
         answer[processor.answer_positions(s, ids)] = True
         image_positions = (ids == processor.image_token_id).nonzero().flatten()
         out.append(CalibrationSample(inputs, answer, None, s.answer, f"{s.task}-{i}", image=s.image,
-                                     grid=(gen.GRID, gen.GRID),
+                                     grid=(grid, grid),
                                      meta={"task": s.task, "image_positions": image_positions}))
     return out
 
@@ -530,7 +531,7 @@ def toyvlm_samples(processor, n: int, seed: int = DEFAULT_SEED, **_: Any) -> lis
 # name -> (description, function(processor, n, seed=..., length=...)); new testbeds register here.
 GENERATORS: dict[str, tuple[str, Callable[..., list[CalibrationSample]]]] = {
     "text": ("generated long-context text suite (passkey, kv_retrieval, redundant)", text_suite_samples),
-    "toyvlm": ("generated toy-VLM grid images (colour, shape, text questions)", toyvlm_samples),
+    "toyvlm": ("generated toy-VLM grid images (questions of the tasks the model was trained on)", toyvlm_samples),
 }
 
 

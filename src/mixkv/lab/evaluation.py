@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..core import defaults
 from ..core.capture import capture_prefill
 from ..core.registry import make_method
-from .run import run_method
+from .run import MethodRun, run_method
 
 
 @dataclass
@@ -29,6 +29,8 @@ class EvalItem:
     inputs: dict
     score: Callable[[str], float]
     meta: dict = field(default_factory=dict)
+    max_new_tokens: int | None = None  # a shorter cap for this prompt (its expected reply is short)
+    extra_scores: dict[str, Callable[[str], float]] = field(default_factory=dict)  # e.g. grounding "near"
 
 
 @dataclass
@@ -76,15 +78,18 @@ class EvalConfig:
 
 
 def evaluate(model, items: Sequence[EvalItem], config: EvalConfig, decode_text: Callable[[list[int]], str],
-             eos_token_ids: set[int] | None = None, progress: bool = True) -> dict:
+             eos_token_ids: set[int] | None = None, progress: bool = True,
+             observe: Callable[[EvalItem, MethodRun], dict] | None = None) -> dict:
     """Run the grid; returns ``{"results": [...], "samples": [...], "timing": {...}, "interrupted": bool}``.
 
-    Ctrl-C stops the run between two decodes and returns what was measured so far
-    (``interrupted`` True), so a long run's results are never lost.
+    ``observe(item, run)`` may add fields to each sample record (e.g. which answer tokens the
+    method kept, for the gap analysis). Ctrl-C stops the run between two decodes and returns what
+    was measured so far (``interrupted`` True), so a long run's results are never lost.
     """
     config.validate()
     grid = config.grid()
     correct: dict[tuple[str, str, int | None], list[float]] = defaultdict(list)
+    extra: dict[tuple[str, str, int | None, str], list[float]] = defaultdict(list)
     samples = []
     t_prefill = t_compress = t_decode = 0.0
     bar = tqdm(total=len(items) * len(grid), desc="eval", unit="run", disable=not progress)
@@ -94,14 +99,22 @@ def evaluate(model, items: Sequence[EvalItem], config: EvalConfig, decode_text: 
             pre = capture_prefill(model, item.inputs, window=config.window)
             t_prefill += pre.seconds
             for name, budget in grid:
-                run = run_method(model, pre, config.make(name, budget), config.max_new_tokens, eos_token_ids)
+                cap = min(config.max_new_tokens, item.max_new_tokens or config.max_new_tokens)
+                run = run_method(model, pre, config.make(name, budget), cap, eos_token_ids)
                 t_compress += run.compress_seconds
                 t_decode += run.decode_seconds
                 text = decode_text(run.tokens)
                 s = float(item.score(text))
                 correct[(item.task, name, budget)].append(s)
-                samples.append({"index": i, "task": item.task, "method": name, "budget": budget,
-                                "output": text, "score": s})
+                extras = {k: float(f(text)) for k, f in item.extra_scores.items()}
+                for k, v in extras.items():
+                    extra[(item.task, name, budget, k)].append(v)
+                extras = {f"score_{k}": v for k, v in extras.items()}
+                record = {"index": i, "task": item.task, "method": name, "budget": budget, "output": text, "score": s,
+                          **extras}
+                if observe is not None:
+                    record.update(observe(item, run))
+                samples.append(record)
                 bar.update(1)
                 bar.set_postfix_str(f"{item.task} {name}@{budget}")
             del pre
@@ -110,7 +123,8 @@ def evaluate(model, items: Sequence[EvalItem], config: EvalConfig, decode_text: 
     finally:
         bar.close()
     results = [
-        {"task": task, "method": name, "budget": budget, "accuracy": sum(v) / len(v), "n": len(v)}
+        {"task": task, "method": name, "budget": budget, "accuracy": sum(v) / len(v), "n": len(v),
+         **{f"accuracy_{k}": sum(x) / len(x) for (t, m, b, k), x in extra.items() if (t, m, b) == (task, name, budget)}}
         for (task, name, budget), v in correct.items()
     ]
     return {"results": results, "samples": samples, "interrupted": interrupted,
@@ -153,8 +167,12 @@ def toyvlm_items(processor, samples: Sequence) -> list[EvalItem]:
     items = []
     for s in samples:
         inputs = processor.sample_inputs(s)
+        reply = len(processor.tokenizer(s.reply, add_special_tokens=False)["input_ids"])
         items.append(EvalItem(task=s.task, inputs=inputs, score=lambda text, s=s: gen.score(s, text),
                               meta={"answer": s.answer, "seed": s.seed,
                                     "answer_positions": processor.answer_positions(s, inputs["input_ids"]),
-                                    "tokens": int(inputs["input_ids"].shape[1])}))
+                                    "tokens": int(inputs["input_ids"].shape[1])},
+                              max_new_tokens=reply + 4,  # the trained reply, its end token and slack
+                              extra_scores={"near": lambda text, s=s: gen.score_near(s, text)}
+                              if s.task == "ground" else {}))
     return items

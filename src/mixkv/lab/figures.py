@@ -126,3 +126,115 @@ def plot_long_answer(rows, path: str | Path, title: str = "") -> Path:
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def _base_of(method: str) -> str:
+    return method.removesuffix("+mixkv")
+
+
+def _method_styles(methods) -> dict[str, dict]:
+    """One colour per base method; ``+mixkv`` solid with filled markers, the base dotted and hollow."""
+    plt = pyplot()
+    bases = list(dict.fromkeys(_base_of(m) for m in methods if m != "full"))
+    colours = plt.get_cmap("tab10")
+    out = {}
+    for m in methods:
+        colour = colours(bases.index(_base_of(m)) % 10) if m != "full" else "black"
+        mix = m.endswith("+mixkv")
+        out[m] = {"color": colour, "linestyle": "-" if mix else ":", "marker": "o",
+                  "markerfacecolor": colour if mix else "white"}
+    return out
+
+
+def plot_accuracy_by_task(results: list[dict], path: str | Path, title: str) -> Path:
+    """One panel per task (and the mean): accuracy vs budget per method, full cache dashed.
+
+    Colour = base method; solid line with filled markers = the base with MixKV, dotted = the base alone.
+    """
+    plt = pyplot()
+    tasks = list(dict.fromkeys(r["task"] for r in results if r["task"] != "mean"))
+    if any(r["task"] == "mean" for r in results):
+        tasks.append("mean")
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    styles = _method_styles(methods)
+    budgets = sorted({r["budget"] for r in results if r["budget"] is not None})
+    cols = min(3, len(tasks))
+    rows_n = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.3 * cols, 3.4 * rows_n), dpi=110, squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        rows = [r for r in results if r["task"] == task]
+        for m in methods:
+            full = [r["accuracy"] for r in rows if r["method"] == m and r["budget"] is None]
+            pts = sorted((r["budget"], r["accuracy"]) for r in rows if r["method"] == m and r["budget"] is not None)
+            if full:
+                ax.axhline(100 * full[0], color="black", linestyle="--", linewidth=1, label=m)
+            elif pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], label=m, markersize=4, linewidth=1.2,
+                        **styles[m])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_ylim(-2, 102)
+        ax.set_title(task, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("accuracy (%)")
+    axes[-1, 0].set_xlabel("budget (tokens per KV head)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(7, len(labels)), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    return save_figure(fig, path, tight=False)
+
+
+def plot_gap(summary: list[dict], maps: dict[str, torch.Tensor], path: str | Path, title: str,
+             budget: int) -> Path:
+    """The gap analysis in three panels.
+
+    Left: accuracy vs the mean share of answer tokens kept, one point per (method, budget).
+    Middle: failures at ``budget`` split into *answer dropped* and *kept but wrong* per method.
+    Right: per layer, the share of (head, answer token) pairs kept at ``budget`` (``maps``: method ->
+    (layers, heads) from :func:`mixkv.lab.gap.heads_map`).
+    """
+    plt = pyplot()
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    styles = _method_styles(methods)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.6), dpi=110)
+    for m in methods:
+        pts = sorted((r["budget"] or 0, r["answer_kept"], r["accuracy"]) for r in summary if r["method"] == m)
+        st = styles[m]
+        if m == "full":
+            a.scatter([p[1] * 100 for p in pts], [p[2] * 100 for p in pts], color="black", marker="*", s=80, label=m)
+            continue
+        a.plot([p[1] * 100 for p in pts], [p[2] * 100 for p in pts], color=st["color"], linestyle=st["linestyle"],
+               marker="o", markerfacecolor=st["markerfacecolor"], linewidth=1, markersize=5, label=m)
+    a.set_xlabel("answer tokens kept (% of layer x head x token)")
+    a.set_ylabel("accuracy (%)")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=6, ncol=2)
+    a.set_title("accuracy vs answer kept (points: budgets)", fontsize=9)
+    at = [r for r in summary if r["budget"] == budget]
+    names = [r["method"] for r in at]
+    x = range(len(at))
+    dropped = [100 * r["dropped"] / r["n"] for r in at]
+    wrong = [100 * r["kept_but_wrong"] / r["n"] for r in at]
+    b.bar(x, dropped, color="tab:red", label="answer dropped (a token in < 50% of heads)")
+    b.bar(x, wrong, bottom=dropped, color="tab:gray", label="answer kept, reply wrong")
+    b.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+    b.set_ylabel(f"failures at B={budget} (% of samples)")
+    b.legend(fontsize=7)
+    b.grid(alpha=0.3, axis="y")
+    b.set_title(f"what the failures miss (B={budget})", fontsize=9)
+    for m, share in maps.items():
+        st = styles.get(m, {"color": "black", "linestyle": "-"})
+        per_layer = share.mean(1).numpy() * 100
+        c.plot(range(len(per_layer)), per_layer, color=st["color"], linestyle=st["linestyle"], linewidth=1.2, label=m)
+    c.set_xlabel("layer")
+    c.set_ylabel("answer tokens kept (% of heads x tokens)")
+    c.set_ylim(-2, 102)
+    c.grid(alpha=0.3)
+    c.legend(fontsize=6, ncol=2)
+    c.set_title(f"where in the model (B={budget})", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

@@ -33,14 +33,15 @@ class FollowupPair:
     second: gen.Sample
 
 
-def followup_pairs(n: int, seed: int = 0, tasks: Sequence[str] = gen.DEFAULT_TASKS) -> list[FollowupPair]:
+def followup_pairs(n: int, seed: int = 0, tasks: Sequence[str] = gen.DEFAULT_TASKS,
+                   grid: int = gen.GRID) -> list[FollowupPair]:
     """``n`` pairs on scenes ``seed``..``seed + n - 1``; pair ``i`` asks task ``i`` then task ``i + 1`` (cycling)."""
     tasks = tuple(tasks)
     if len(tasks) < 2:
         raise ValueError(f"follow-up pairs need two different tasks, got {tasks}")
     pairs = []
     for i in range(n):
-        scene = gen.make_scene(seed + i)
+        scene = gen.make_scene(seed + i, grid=grid)
         rng = random.Random((seed + i) * 104729 + 3)
         first = gen.questions_for(scene, tasks[i % len(tasks)], rng)
         for _ in range(50):

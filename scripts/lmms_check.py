@@ -100,15 +100,17 @@ def read_lmms(out_dir: Path, label: str, tasks: list[str]) -> Run:
     return result
 
 
-def read_mixkv(path: Path, tasks: list[str], n: int) -> dict[str, Run]:
-    """Per-sample results of `mixkv eval --json` by method label; its samples are indexed task by task."""
+def read_mixkv(path: Path, tasks: list[str], n: int, seed: int = 0) -> dict[str, Run]:
+    """Per-sample results of `mixkv eval --json` by method label, keyed (task, i) for the sample of seed ``seed + i``.
+
+    Records carry their sample's seed; older files without it were indexed task by task."""
     payload = json.loads(path.read_text())
     runs: dict[str, Run] = {}
     for s in payload["samples"]:
         label = label_of(s["method"], s["budget"])
         r = runs.setdefault(label, Run(label))
         task = s["task"]
-        key = (task, int(s["index"]) - tasks.index(task) * n)
+        key = (task, int(s["seed"]) - seed) if "seed" in s else (task, int(s["index"]) - tasks.index(task) * n)
         r.scores[key] = float(s["score"])
         r.texts[key] = s["output"]
     return runs
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if not reference_matches(out / "mixkv_eval.json", methods, args.budget, args.n, args.seed, tasks):
             print(f"error: {out / 'mixkv_eval.json'} is missing or was made for other settings", file=sys.stderr)
             return 2
-        return compare(args, methods, tasks, out, read_mixkv(out / "mixkv_eval.json", tasks, args.n),
+        return compare(args, methods, tasks, out, read_mixkv(out / "mixkv_eval.json", tasks, args.n, args.seed),
                        {label_of(m, args.budget): read_lmms(out / "lmms" / run_name(label_of(m, args.budget)),
                                                             label_of(m, args.budget), tasks) for m in methods}, 0.0)
     run([str(python), "-m", "mixkv.integrations.lmms_eval.export", "--out", str(export_dir), "--n", str(args.n),
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_seconds = 0.0
     else:
         ref_seconds = run(ref_cmd, out / "mixkv_eval.log", env)
-    reference = read_mixkv(ref_json, tasks, args.n)
+    reference = read_mixkv(ref_json, tasks, args.n, args.seed)
 
     lmms: dict[str, Run] = {}
     for method in methods:

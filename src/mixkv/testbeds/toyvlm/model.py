@@ -29,7 +29,6 @@ from torch import nn
 from . import generator as gen
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WEIGHTS_24_DIR = Path(__file__).resolve().parent / "weights_24"  # v2: 24x24 grid, five tasks
 WEIGHTS_FILE = "toyvlm.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -281,10 +280,14 @@ def build_from_smollm2(lm, vision: dict[str, Any] | None = None, image_token_id:
 
 
 def shipped_weights(name: str = "toy-vlm") -> Path:
-    """The shipped weights directory of a toy VLM name: ``toy-vlm`` (16x16) or ``toy-vlm-24`` (v2)."""
-    dirs = {"toy-vlm": WEIGHTS_DIR, "toyvlm": WEIGHTS_DIR, "toy-vlm-24": WEIGHTS_24_DIR}
+    """The shipped weights directory of a toy VLM name (``toy-vlm``: 16x16 grid, colour / shape / text).
+
+    A model trained with ``scripts/train_toyvlm.py --grid 24`` (five tasks) loads from its own
+    directory: ``load_toy_vlm(weights_dir=...)``; none ships yet (see the model card).
+    """
+    dirs = {"toy-vlm": WEIGHTS_DIR, "toyvlm": WEIGHTS_DIR}
     if name not in dirs:
-        raise ValueError(f"unknown toy VLM {name!r}; accepted: toy-vlm, toy-vlm-24")
+        raise ValueError(f"unknown toy VLM {name!r}; accepted: toy-vlm")
     return dirs[name]
 
 

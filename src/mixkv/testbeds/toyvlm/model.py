@@ -73,9 +73,8 @@ class ToyVLMProcessor:
         self.num_image_tokens = int(num_image_tokens)
         self.image_size = int(image_size)
         self.grid = math.isqrt(self.num_image_tokens)  # cells per side: one visual token per cell
-        if self.grid * self.grid != self.num_image_tokens or self.grid * gen.CELL != self.image_size:
-            raise ValueError(f"{num_image_tokens} image tokens and {image_size} px images do not make a square "
-                             f"grid of {gen.CELL}-pixel cells")
+        if self.grid * self.grid != self.num_image_tokens:  # images are resized to image_size, any size
+            raise ValueError(f"{num_image_tokens} image tokens do not make a square grid (one token per cell)")
         self.tasks = tuple(tasks)  # the tasks the model was trained on
         self.mean, self.std = float(mean), float(std)
         self.prompt_suffix = prompt_suffix

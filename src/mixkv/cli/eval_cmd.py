@@ -6,8 +6,10 @@ import time
 from pathlib import Path
 
 from ..core import defaults
+from ..core.models import inspect_model
 from ..lab import report
 from ..lab.evaluation import EvalConfig, evaluate, mean_over_tasks, text_items, toyvlm_items
+from ..lab.gap import answer_observer, gap_payload
 from ..testbeds import sources
 from ..testbeds import tasks as task_suite
 from .common import (
@@ -83,7 +85,7 @@ def _figures(args, payload: dict) -> None:
         print(f"wrote {plot_accuracy_by_task(results, args.task_plot, _title(payload))}")
     gap = payload.get("gap")
     if gap:
-        print("\n" + gap_table(gap["summary"], results))
+        print("\n" + report.gap_table(gap["summary"], results))
     if args.gap_plot:
         if not gap:
             raise ValueError("no gap analysis in these results: run with --gap-plot on a toy VLM")
@@ -98,51 +100,6 @@ def _figures(args, payload: dict) -> None:
                              f"budgets: {sorted({r['budget'] for r in gap['summary'] if r['budget']})}")
         title = f"{payload.get('model')}: why compressed caches trail the full one"
         print(f"wrote {plot_gap(gap['summary'], maps, args.gap_plot, title, args.gap_budget)}")
-
-
-def gap_table(summary: list[dict], results: list[dict]) -> str:
-    """The gap analysis as a table: accuracy, answer kept, failure split, share of the gap MixKV closes."""
-    from ..lab.gap import gap_closed
-
-    rows = []
-    for r in summary:
-        closed = gap_closed(results, r["method"].removesuffix("+mixkv"), r["budget"]) \
-            if r["method"].endswith("+mixkv") and r["budget"] else None
-        rows.append([r["method"], r["budget"] or "-", f"{100 * r['accuracy']:.1f}%", f"{100 * r['answer_kept']:.1f}%",
-                     f"{100 * r['dropped'] / r['n']:.1f}%", f"{100 * r['kept_but_wrong'] / r['n']:.1f}%",
-                     "-" if r["accuracy_when_kept"] is None else f"{100 * r['accuracy_when_kept']:.1f}%",
-                     "-" if closed is None else f"{100 * closed:.0f}%"])
-    return "gap analysis (all tasks)\n" + report.format_table(
-        ["method", "budget", "accuracy", "answer kept", "failed: dropped", "failed: kept", "acc. when kept",
-         "gap closed"], rows)
-
-
-def _observer(model):
-    """``observe`` for :func:`evaluate`: which answer tokens each (layer, KV head) kept."""
-    from ..lab.gap import answer_kept, kept_record
-
-    text = getattr(model.config, "text_config", model.config)
-    layers = text.num_hidden_layers
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-
-    def observe(item, run) -> dict:
-        return kept_record(answer_kept(run.plans, layers, heads, item.meta["answer_positions"]))
-
-    return observe, layers
-
-
-def _gap_payload(samples: list[dict], layers: int) -> dict:
-    """Summary rows and per-(method, budget) head maps; the per-run head lists are dropped from samples."""
-    from ..lab.gap import gap_summary, heads_map
-
-    summary = gap_summary(samples)
-    heads = {f"{r['method']}@{r['budget']}": heads_map(samples, r["method"], r["budget"], layers).tolist()
-             for r in summary if r["budget"] is not None}
-    for s in samples:
-        s.pop("answer_kept_heads", None)
-    return {"summary": summary, "heads": heads,
-            "note": "answer_kept: share of (layer, KV head, answer token) kept; dropped: a failure whose least-kept "
-                    "answer token is held by < 50% of the (layer, head) caches"}
 
 
 def _task_names(args) -> list[str]:
@@ -191,7 +148,7 @@ def run(args) -> int:
         samples = task_suite.make_suite(names, args.n, args.seed, args.length, tokenizer)
         items = text_items(tokenizer, samples, task_suite.build_prompt, task_suite.score, model.device)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    observe, layers = _observer(model) if args.gap_plot else (None, 0)
+    observe = answer_observer(model) if args.gap_plot else None
     out = evaluate(model, items, config, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), eos,
                    observe=observe)
     results = out["results"] + mean_over_tasks(out["results"])
@@ -211,7 +168,7 @@ def run(args) -> int:
         "samples": out["samples"],
     }
     if observe is not None:
-        payload["gap"] = _gap_payload(out["samples"], layers)
+        payload["gap"] = gap_payload(out["samples"], inspect_model(model).num_layers)
     if results:
         print(report.accuracy_tables(results))
     print(f"\n{len(items)} prompts, {len(config.grid())} method/budget runs each, "

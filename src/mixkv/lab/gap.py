@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.models import inspect_model
 from ..core.selection import KeepPlan
 
 DROPPED_BELOW = 0.5  # an answer token held by fewer than this share of (layer, head) caches counts as dropped
@@ -105,3 +106,29 @@ def gap_closed(results: Sequence[dict], base: str, budget: int, task: str = "mea
     if full is None or b is None or m is None or full - b <= 0:
         return None
     return (m - b) / (full - b)
+
+
+def answer_observer(model):
+    """``observe`` for :func:`mixkv.lab.evaluation.evaluate`: :func:`kept_record` of each run's plans on
+    the item's ``meta["answer_positions"]``."""
+    info = inspect_model(model)
+
+    def observe(item, run) -> dict:
+        return kept_record(answer_kept(run.plans, info.num_layers, info.num_kv_heads, item.meta["answer_positions"]))
+
+    return observe
+
+
+def gap_payload(samples: list[dict], num_layers: int) -> dict:
+    """What a results file keeps: summary rows and per-(method, budget) head maps (``"method@budget"``).
+
+    The per-run head lists are dropped from ``samples`` (in place): the maps hold what the figures need.
+    """
+    summary = gap_summary(samples)
+    heads = {f"{r['method']}@{r['budget']}": heads_map(samples, r["method"], r["budget"], num_layers).tolist()
+             for r in summary if r["budget"] is not None}
+    for s in samples:
+        s.pop("answer_kept_heads", None)
+    return {"summary": summary, "heads": heads,
+            "note": f"answer_kept: share of (layer, KV head, answer token) kept; dropped: a failure whose least-kept "
+                    f"answer token is held by < {DROPPED_BELOW:.0%} of the (layer, head) caches"}

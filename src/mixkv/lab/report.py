@@ -64,3 +64,21 @@ def accuracy_tables(results: list[dict]) -> str:
         n = max((r["n"] for r in results if r["task"] == task), default=0)
         out.append(f"{task} (n={n})\n" + format_table(["method"] + [f"B={b}" for b in budgets], rows))
     return "\n\n".join(out)
+
+
+def gap_table(summary: list[dict], results: list[dict]) -> str:
+    """The gap analysis (:func:`mixkv.lab.gap.gap_summary` rows) as a table, with the share of the
+    base -> full gap each ``+mixkv`` method closes."""
+    from .gap import gap_closed
+
+    rows = []
+    for r in summary:
+        closed = gap_closed(results, r["method"].removesuffix("+mixkv"), r["budget"]) \
+            if r["method"].endswith("+mixkv") and r["budget"] else None
+        rows.append([r["method"], r["budget"] or "-", f"{100 * r['accuracy']:.1f}%", f"{100 * r['answer_kept']:.1f}%",
+                     f"{100 * r['dropped'] / r['n']:.1f}%", f"{100 * r['kept_but_wrong'] / r['n']:.1f}%",
+                     "-" if r["accuracy_when_kept"] is None else f"{100 * r['accuracy_when_kept']:.1f}%",
+                     "-" if closed is None else f"{100 * closed:.0f}%"])
+    return "gap analysis (all tasks)\n" + format_table(
+        ["method", "budget", "accuracy", "answer kept", "failed: dropped", "failed: kept", "acc. when kept",
+         "gap closed"], rows)

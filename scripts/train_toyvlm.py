@@ -7,10 +7,10 @@ Recipe (LLaVA-style, on a pretrained LM; see src/mixkv/testbeds/toyvlm/weights/M
    out of the projector close to the LM's input embedding of the word(s) that describe the cell --
    ``" blank"`` for background, ``" red" + " star"`` for a red star, ``"K"`` for the glyph K. Loss:
    relative squared error to that target plus a cosine-softmax classification over all cell words.
-   On grids other than 16 (``--grid 24``, the v2 groundwork: docs/toyvlm-v2.md) a shape cell's target
-   also carries its row and column labels (``+ " E" + " l"``, the words grounding replies use), with
-   factored classifications (content / row / column) and an auxiliary probe that makes every patch's
-   vision feature tell its row and column.
+   On grids other than 16 (``--grid 24``, v2: docs/toyvlm-v2.md) the boards are tagged: the two tag
+   cells right of each shape must come out as the words of its row and column (``" E"``, ``" l"``, the
+   words grounding replies use), and an auxiliary probe makes every patch's vision feature tell its
+   row and column.
 2. **Question answering** (LoRA on the LM's attention projections + the projector; vision tower frozen):
    multi-turn conversations about one image (one question of each task, random order), loss on the
    assistant replies only. The frozen LM runs in bfloat16 on CPUs with AMX/AVX512-BF16 (float32 elsewhere:
@@ -70,7 +70,7 @@ def parse_args(argv=None):
                    help=f"comma list of {', '.join(gen.TASKS)} (default: colour,shape,text at grid 16, all five above)")
     p.add_argument("--grid", type=int, default=gen.GRID, help="cells per side (one visual token per cell)")
     p.add_argument("--stage1-shapes", default="3,5",
-                   help="min,max shapes per stage-1 image (more shapes = more position targets per step)")
+                   help="min,max shapes per stage-1 image (more shapes = more tag targets per step)")
     p.add_argument("--probe-every", type=int, default=25)
     p.add_argument("--probe-per-task", type=int, default=8, help="held-out probe questions per task")
     p.add_argument("--lm-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
@@ -84,11 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None,
                    help="continue from a weights directory this script wrote (vision tower, projector, LoRA): "
                         "stage 1 is skipped and stage 2 runs again with a fresh schedule")
-    p.add_argument("--position-scale", type=float, default=None,
-                   help="with --init-from: scale the row/column-label part of the projector output by this factor "
-                        "(W <- (I - (1 - s) P) W, P = projection onto the label embeddings' span)")
     p.add_argument("--data-offset", type=int, default=0,
                    help="skip this many training conversations (a continuation sees new data)")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="after every stage-2 probe, save the weights to OUT/checkpoint (loadable as a weights dir)")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--no-eval", action="store_true")
     return p.parse_args(argv)
@@ -98,19 +97,33 @@ def parse_args(argv=None):
 # stage 1: visual words
 
 
-def cell_vocabulary() -> list[str]:
+def cell_vocabulary(grid: int = gen.GRID) -> list[str]:
+    """Every word a cell can show; tagged boards (grids other than 16) add the row / column tag words."""
     words = ["blank"]
     words += [f"{c} {s}" for c in gen.COLOURS for s in gen.SHAPES]
     words += list(gen.GLYPHS)
+    if grid != gen.GRID:
+        words += [f"row {ch}" for ch in gen.ROW_LABELS[:grid]] + [f"column {ch}" for ch in gen.COL_LABELS[:grid]]
     return words
+
+
+def word_text(word: str) -> str:
+    """The text whose tokens make a cell word's target: glyphs are the bare character ("K"), tags the
+    letter their reply uses (" E" of "row E"), everything else the words with a leading space."""
+    if len(word) == 1:
+        return word
+    if word.startswith(("row ", "column ")):
+        return " " + word.split()[1]
+    return " " + word
 
 
 def word_targets(tokenizer, embed: torch.Tensor, words: list[str]) -> torch.Tensor:
     """Target input embedding per cell word: the sum of its tokens' embeddings."""
     rows = []
     for w in words:
-        text = w if len(w) == 1 else " " + w  # glyphs: the bare character token ("K"); words: " red", " star"
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(word_text(w), add_special_tokens=False)["input_ids"]
+        if w.startswith(("row ", "column ")) and len(ids) != 1:
+            raise ValueError(f"tag word {w!r} is not a single token")
         rows.append(embed[ids].sum(0))
     return torch.stack(rows)
 
@@ -119,37 +132,17 @@ def scene_labels(scene: gen.Scene, index: dict[str, int]) -> torch.Tensor:
     return torch.tensor([index[w] for w in gen.cell_words(scene)], dtype=torch.long)
 
 
-def position_targets(tokenizer, embed: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input embeddings of the row labels (" A", " B", ...) and column labels (" a", " b", ...)."""
-    def one(labels: str) -> torch.Tensor:
-        ids = [tokenizer(" " + ch, add_special_tokens=False)["input_ids"] for ch in labels[:grid]]
-        if any(len(i) != 1 for i in ids):
-            raise ValueError("a row / column label is not a single token")
-        return embed[[i[0] for i in ids]]
-
-    return one(gen.ROW_LABELS), one(gen.COL_LABELS)
+def _cos_ce(feats: torch.Tensor, words: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a cosine softmax (temperature 0.05) over all cell words."""
+    logits = F.normalize(feats, dim=-1) @ F.normalize(words, dim=-1).t()
+    return F.cross_entropy(logits / 0.05, labels, reduction="none")
 
 
-def scene_positions(scene: gen.Scene) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per visual token: (row, col) of shape cells (grounding reads them from the shape's token), -1 elsewhere."""
-    rows = torch.full((scene.num_patches,), -1, dtype=torch.long)
-    cols = torch.full((scene.num_patches,), -1, dtype=torch.long)
-    for e in scene.shapes:
-        rows[e.patch_in(scene.grid)], cols[e.patch_in(scene.grid)] = e.row, e.col
-    return rows, cols
-
-
-def _shifted_cosines(feats: torch.Tensor, words: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``cos(feats[n], words[k] + shift[n])`` for all n, k as (N, K), without building (N, K, D)."""
-    f = F.normalize(feats, dim=-1)
-    dots = f @ words.t() + (f * shift).sum(-1, keepdim=True)
-    norms = ((words**2).sum(-1).unsqueeze(0) + 2 * shift @ words.t() + (shift**2).sum(-1, keepdim=True))
-    return dots / norms.clamp_min(1e-12).sqrt()
-
-
-def _cos_ce(feats: torch.Tensor, words: torch.Tensor, shift: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of a cosine softmax (temperature 0.05) over candidates ``words[k] + shift[n]``."""
-    return F.cross_entropy(_shifted_cosines(feats, words, shift) / 0.05, labels, reduction="none")
+def stage1_losses(feats, labels, targets):
+    """Per-token loss: relative squared error to the target word embedding + its cosine-softmax classification."""
+    tgt = targets[labels]
+    rel = ((feats - tgt) ** 2).sum(-1) / (tgt**2).sum(-1)
+    return rel + _cos_ce(feats, targets, labels), rel
 
 
 def image_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -159,71 +152,16 @@ def image_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
-def stage1_batch(scenes, index, targets, row_emb, col_emb):
-    """(labels, rows, cols, full targets) of a list of scenes, one row per visual token."""
-    labels = torch.stack([scene_labels(s, index) for s in scenes]).reshape(-1)
-    pos = [scene_positions(s) for s in scenes]
-    rows = torch.stack([p[0] for p in pos]).reshape(-1)
-    cols = torch.stack([p[1] for p in pos]).reshape(-1)
-    if not row_emb.any():  # no labels in use: no row / column targets or losses
-        rows, cols = torch.full_like(rows, -1), torch.full_like(cols, -1)
-    has = rows >= 0
-    tgt = targets[labels].clone()
-    tgt[has] += row_emb[rows[has]] + col_emb[cols[has]]
-    return labels, rows, cols, tgt
-
-
-def stage1_losses(feats, labels, rows, cols, tgt, targets, row_emb, col_emb):
-    """Per-token loss: relative squared error to the target + factored cosine-softmax classifications.
-
-    The content word competes with every other word (plus the cell's own position part); on shape
-    cells the row label competes with every other row (same content and column), and the column likewise.
-    """
-    rel = ((feats - tgt) ** 2).sum(-1) / (tgt**2).sum(-1)
-    pos_part = tgt - targets[labels]
-    per = rel + _cos_ce(feats, targets, pos_part, labels)
-    has = rows >= 0
-    if has.any():
-        f, t = feats[has], tgt[has]
-        r, c = rows[has], cols[has]
-        base_r = t - row_emb[r]
-        base_c = t - col_emb[c]
-        per_row = _cos_ce(f, row_emb, base_r, r)
-        per_col = _cos_ce(f, col_emb, base_c, c)
-        per = per.clone()
-        per[has] = per[has] + per_row + per_col
-    return per, rel
-
-
-@torch.no_grad()
-def scale_position_part(linear: nn.Linear, labels: torch.Tensor, factor: float) -> None:
-    """Scale the component of ``linear``'s output that lies in the span of ``labels`` (row / column label
-    embeddings) by ``factor``; the layer stays a plain Linear (its weight and bias are projected).
-
-    Why: with the labels at full weight a shape's visual token is four word embeddings summed, and a
-    question naming one of them ("What colour is the star?") matches only a quarter of it; the first
-    v2 run learned grounding and counting but not colour / shape binding (see the model card).
-    """
-    q, _ = torch.linalg.qr(labels.t().double())  # (D, k) orthonormal basis of the labels' span
-    keep = torch.eye(q.shape[0], dtype=torch.float64) - (1.0 - factor) * (q @ q.t())
-    linear.weight.copy_((keep @ linear.weight.double()).to(linear.weight.dtype))
-    if linear.bias is not None:
-        linear.bias.copy_((keep @ linear.bias.double()).to(linear.bias.dtype))
-
-
 def stage1(vlm, tokenizer, proc, args, log) -> dict:
     embed = vlm.model.language_model.embed_tokens.weight.detach().float()
-    words = cell_vocabulary()
+    words = cell_vocabulary(args.grid)
     index = {w: i for i, w in enumerate(words)}
     targets = word_targets(tokenizer, embed, words)
-    positions = args.grid != gen.GRID  # v2 (grounding): shape cells also carry their row / column label
-    row_emb, col_emb = position_targets(tokenizer, embed, args.grid)
-    if not positions:  # v1 (grid 16): no row / column labels, targets and losses exactly as before
-        row_emb, col_emb = row_emb * 0, col_emb * 0
+    positions = args.grid != gen.GRID  # tagged board: tag cells must say their shape's row / column
     shapes = tuple(int(x) for x in args.stage1_shapes.split(","))
     # Auxiliary probe (discarded after training): every patch's vision feature must tell its row and
     # column, so the position embeddings learn the grid from all 576 patches of every image, not only
-    # from the few shape cells whose projector targets carry row / column labels.
+    # from the few tag cells whose targets are row / column words.
     width = vlm.config.vision_config.hidden_size
     aux = nn.Linear(width, 2 * args.grid) if positions else None
     grid_rows = torch.arange(args.grid).repeat_interleave(args.grid)
@@ -240,10 +178,10 @@ def stage1(vlm, tokenizer, proc, args, log) -> dict:
         scenes = [gen.make_scene(seed + i, n_shapes=shapes, grid=args.grid) for i in range(args.stage1_batch)]
         seed += args.stage1_batch
         pixels = proc.pixel_values([gen.render(s) for s in scenes])
-        labels, rows, cols, tgt = stage1_batch(scenes, index, targets, row_emb, col_emb)
+        labels = torch.stack([scene_labels(s, index) for s in scenes]).reshape(-1)
         hidden = vlm.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
         feats = vlm.model.multi_modal_projector(hidden).reshape(-1, targets.shape[1])
-        per, rel = stage1_losses(feats, labels, rows, cols, tgt, targets, row_emb, col_emb)
+        per, rel = stage1_losses(feats, labels, targets)
         informative = labels != 0
         loss = per[informative].mean() + per[~informative].mean()
         if aux is not None:
@@ -266,23 +204,18 @@ def stage1(vlm, tokenizer, proc, args, log) -> dict:
     with torch.no_grad():
         scenes = [gen.make_scene(PROBE_SEED_BASE + 50_000 + i, grid=args.grid) for i in range(32)]
         pixels = proc.pixel_values([gen.render(s) for s in scenes])
-        labels, rows, cols, tgt = stage1_batch(scenes, index, targets, row_emb, col_emb)
+        labels = torch.stack([scene_labels(s, index) for s in scenes]).reshape(-1)
         feats = image_features(vlm, pixels).reshape(-1, targets.shape[1])
-        pos_part = tgt - targets[labels]
-        pred = _shifted_cosines(feats, targets, pos_part).argmax(-1)
+        pred = (F.normalize(feats, dim=-1) @ F.normalize(targets, dim=-1).t()).argmax(-1)
         informative = labels != 0
-        acc_inf = (pred[informative] == labels[informative]).float().mean().item()
-        acc_blank = (pred[~informative] == labels[~informative]).float().mean().item()
+        tgt = targets[labels]
         rel = (((feats - tgt) ** 2).sum(-1) / (tgt**2).sum(-1)).mean().item()
-        has = rows >= 0
-        f, t = feats[has], tgt[has]
-        row_pred = _shifted_cosines(f, row_emb, t - row_emb[rows[has]]).argmax(-1)
-        col_pred = _shifted_cosines(f, col_emb, t - col_emb[cols[has]]).argmax(-1)
-    result = {"cell_word_accuracy_informative": acc_inf, "cell_word_accuracy_blank": acc_blank,
+    result = {"cell_word_accuracy_informative": (pred[informative] == labels[informative]).float().mean().item(),
+              "cell_word_accuracy_blank": (pred[~informative] == labels[~informative]).float().mean().item(),
               "relative_squared_error": rel}
     if positions:
-        result["row_label_accuracy"] = (row_pred == rows[has]).float().mean().item()
-        result["column_label_accuracy"] = (col_pred == cols[has]).float().mean().item()
+        tag = torch.tensor([words[i].startswith(("row ", "column ")) for i in labels.tolist()])
+        result["tag_word_accuracy"] = (pred[tag] == labels[tag]).float().mean().item()
     log(f"stage 1 held-out: {json.dumps(result)}")
     return result
 
@@ -395,7 +328,9 @@ def conversation_single(s: gen.Sample, proc):
     return prompt + reply, [-100] * len(prompt) + reply, s.image
 
 
-def stage2(vlm, proc, args, log) -> tuple[dict, list[dict]]:
+def stage2(vlm, proc, args, log, checkpoint=None) -> tuple[dict, list[dict]]:
+    """LoRA + projector on multi-turn QA; ``checkpoint(lora, history)`` runs after every probe (an
+    interrupted run keeps its last probed weights)."""
     tasks = args.task_list
     lm = vlm.model.language_model
     for p in vlm.parameters():
@@ -442,6 +377,8 @@ def stage2(vlm, proc, args, log) -> tuple[dict, list[dict]]:
             history.append({"step": step + 1, "loss_ema": ema, "probe": acc,
                             "minutes": (time.perf_counter() - t0) / 60})
             log(f"step {step + 1}: loss {ema:.3f}, teacher-forced reply accuracy {acc}")
+            if checkpoint is not None:
+                checkpoint(lora, history)
     vlm.eval()
     return lora, history
 
@@ -556,30 +493,31 @@ def main(argv=None) -> int:
             tv.load_trained(vlm, args.init_tensors, None)  # vision tower + projector; LoRA after apply_lora
             prior = tv.read_config(Path(args.init_from)).get("training", {})
             s1 = {"continued_from": str(args.init_from), "prior_training": prior}
-            if args.position_scale is not None:
-                embed = vlm.model.language_model.embed_tokens.weight.detach().float()
-                rows, cols = position_targets(tokenizer, embed, args.grid)
-                scale_position_part(vlm.model.multi_modal_projector.linear_2, torch.cat([rows, cols]),
-                                    args.position_scale)
-                s1["position_scale"] = args.position_scale
             log(f"continuing from {args.init_from} (stage 1 skipped)")
         else:
             s1 = stage1(vlm, tokenizer, proc, args, log)
         t2 = time.perf_counter()
-        lora, history = stage2(vlm, proc, args, log)
+        def extra_info(history, t3):
+            return {
+                "command": "python scripts/train_toyvlm.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "seed": args.seed, "threads": torch.get_num_threads(),
+                "stage1": {"steps": args.stage1_steps, "batch_images": args.stage1_batch, "lr": args.stage1_lr,
+                           "minutes": (t2 - t1) / 60, "held_out": s1},
+                "stage2": {"steps": args.stage2_steps, "batch_conversations": args.stage2_batch, "turns": args.turns,
+                           "lora_lr": args.lr, "projector_lr": args.projector_lr, "minutes": (t3 - t2) / 60,
+                           "probe_history": history},
+                "wall_minutes_total": (t3 - t_start) / 60,
+                "machine": f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+            }
+
+        def checkpoint(lora, history):
+            extra = extra_info(history, time.perf_counter())
+            extra["checkpoint_after_step"] = history[-1]["step"]
+            save(vlm, lora, out / "checkpoint", args, vision_config, image_token_id, extra)
+
+        lora, history = stage2(vlm, proc, args, log, checkpoint if args.checkpoints else None)
         t3 = time.perf_counter()
-        extra = {
-            "command": "python scripts/train_toyvlm.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "seed": args.seed, "threads": torch.get_num_threads(),
-            "stage1": {"steps": args.stage1_steps, "batch_images": args.stage1_batch, "lr": args.stage1_lr,
-                       "minutes": (t2 - t1) / 60, "held_out": s1},
-            "stage2": {"steps": args.stage2_steps, "batch_conversations": args.stage2_batch, "turns": args.turns,
-                       "lora_lr": args.lr, "projector_lr": args.projector_lr, "minutes": (t3 - t2) / 60,
-                       "probe_history": history},
-            "wall_minutes_total": (t3 - t_start) / 60,
-            "machine": f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
-        }
-        save(vlm, lora, out, args, vision_config, image_token_id, extra)
+        save(vlm, lora, out, args, vision_config, image_token_id, extra_info(history, t3))
         log(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB); "
             f"training wall time {(t3 - t_start) / 60:.1f} min")
         del vlm

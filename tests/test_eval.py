@@ -120,3 +120,11 @@ def test_items_can_cap_tokens_add_scores_and_record_kept_answers():
     assert by["full"]["answer_kept"] == 1.0
     # the last prompt token is in every window; position 1 survives only where a head scored it high
     assert 0.5 <= by["snapkv"]["answer_kept"] <= 1.0 and len(by["snapkv"]["answer_kept_heads"]) == layers * heads
+
+
+def test_tables_show_a_full_cache_only_run():
+    from mixkv.lab.report import accuracy_tables
+
+    text = accuracy_tables([{"task": "a", "method": "full", "budget": None, "accuracy": 0.75, "n": 4},
+                            {"task": "mean", "method": "full", "budget": None, "accuracy": 0.75, "n": 4}])
+    assert "| method | accuracy |" in text and "| full   |      75% |" in text and "mean (n=4)" in text

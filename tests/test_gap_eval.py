@@ -13,11 +13,14 @@ from mixkv.testbeds.toyvlm import generator as gen
 from mixkv.testbeds.toyvlm import model as tv
 
 
-def test_the_shipped_config_says_grid_and_tasks():
+def test_the_shipped_configs_say_grid_and_tasks():
     cfg = sources.toy_vlm_config(sources.TOY_VLM)
     assert cfg["grid"]["cells"] == gen.GRID and cfg["tasks"] == list(gen.DEFAULT_TASKS)
-    with pytest.raises(ValueError, match="accepted: toy-vlm"):
-        tv.shipped_weights("toy-vlm-24")
+    cfg = sources.toy_vlm_config(sources.TOY_VLM_24)
+    assert cfg["grid"]["cells"] == 24 and cfg["tasks"] == list(gen.TASKS)
+    assert cfg["processor"]["num_image_tokens"] == 576
+    with pytest.raises(ValueError, match="accepted: toy-vlm, toy-vlm-24"):
+        tv.shipped_weights("toy-vlm-32")
     with pytest.raises(FileNotFoundError, match="train the toy VLM"):
         tv.read_config(tv.WEIGHTS_DIR.parent / "no-such-weights")
 
@@ -62,3 +65,24 @@ def test_eval_refuses_untrained_tasks_and_gap_plots_without_answer_positions(cap
     assert "not trained on ['ground']" in capsys.readouterr().err
     assert main(["eval", "--model", "smollm2-135m", "--gap-plot", "x.png"]) == 2
     assert "--gap-plot needs the toy VLM" in capsys.readouterr().err
+    assert main(["eval", "--model", "toy-vlm", "--budgets", "48,128", "--gap-plot", "x.png"]) == 2
+    assert "--gap-budget 64 is not among --budgets [48, 128]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_v2_eval_stacked_end_to_end(tmp_path):
+    """``mixkv eval --model toy-vlm-24`` on grounding and counting (n=1), compressed runs decoded as one
+    stacked batch, with the gap records: grounding answers live in three cells (shape + two tags)."""
+    out = tmp_path / "v2.json"
+    rc = main(["eval", "--model", "toy-vlm-24", "--tasks", "ground,count", "--n", "1", "--methods",
+               "full,snapkv,snapkv+mixkv,adakv+mixkv", "--budgets", "32,128", "--window", "16", "--stack", "6",
+               "--threads", "2", "--json", str(out), "--gap-plot", str(tmp_path / "g.png"), "--gap-budget", "32"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["stack"] == 6 and data["config"]["prompt_tokens"]["min"] > 576
+    runs = {(s["task"], s["method"], s["budget"]) for s in data["samples"]}
+    assert len(runs) == 2 * (1 + 3 * 2)
+    full = {s["task"]: s for s in data["samples"] if s["method"] == "full"}
+    assert full["ground"]["score"] == full["ground"]["score_near"] == 1.0
+    assert full["count"]["output"].startswith("There are ")
+    assert {r["method"] for r in data["gap"]["summary"]} == {"full", "snapkv", "snapkv+mixkv", "adakv+mixkv"}

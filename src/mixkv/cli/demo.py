@@ -20,7 +20,7 @@ from .common import check_outputs, machine_description, nonneg_int, parse_list, 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="answer generated prompts with full and compressed caches")
     p.add_argument("--model", default=sources.TOY_VLM,
-                   help=f"{sources.TOY_VLM} (default), {sources.SMOLLM2}, or a checkpoint")
+                   help=f"{sources.TOY_VLM} (default), {sources.TOY_VLM_24}, {sources.SMOLLM2}, or a checkpoint")
     p.add_argument("--methods", default="full,snapkv,snapkv+mixkv,adakv,adakv+mixkv")
     p.add_argument("--budget", type=positive_int, default=defaults.BUDGET)
     p.add_argument("--window", type=positive_int, default=defaults.WINDOW)

@@ -27,11 +27,12 @@ from .common import (
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="accuracy of methods x budgets on a generated task suite")
     p.add_argument("--model", default=sources.SMOLLM2,
-                   help=f"{sources.SMOLLM2}, {sources.TOY_VLM} (our trained VLM), a local directory or a hub id")
+                   help=f"{sources.SMOLLM2}, {sources.TOY_VLM} / {sources.TOY_VLM_24} (our trained VLMs: 256 / 576 "
+                        "visual tokens), a local directory or a hub id")
     p.add_argument("--methods", default="full,snapkv,snapkv+mixkv,pyramidkv,pyramidkv+mixkv")
     p.add_argument("--budgets", default="64,128,256")
     p.add_argument("--tasks", default=None,
-                   help=f"default: all text tasks ({','.join(task_suite.TASKS)}); {sources.TOY_VLM}: colour,shape,text")
+                   help=f"default: all text tasks ({','.join(task_suite.TASKS)}); toy VLMs: their trained tasks")
     p.add_argument("--length", type=positive_int, default=1500, help="prompt length in tokens (approximate)")
     p.add_argument("--n", type=positive_int, default=20, help="samples per task")
     p.add_argument("--seed", type=nonneg_int, default=0)
@@ -41,6 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--profile", default=None,
                    help="calibration profile (SparseMM head scores, HeadKV retrieval scores, offline redundancy)")
     p.add_argument("--redundancy", default="online", choices=["online", "profile"])
+    p.add_argument("--stack", type=positive_int, default=1,
+                   help="decode up to this many compressed (method, budget) runs of a prompt as one batch: the same "
+                        "kept tokens, many times faster on CPU (weights read once per step); 1 = one at a time, "
+                        "exactly as press decodes")
     p.add_argument("--dtype", default="float32", choices=sorted(sources.DTYPES))
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--json", default=None, help="write results here (JSON)")
@@ -130,8 +135,11 @@ def run(args) -> int:
         raise FileNotFoundError(f"calibration profile {args.profile!r} does not exist")
     config = EvalConfig(methods=parse_list(args.methods), budgets=parse_list(args.budgets, int),
                         max_new_tokens=args.max_new_tokens, window=args.window, profile=args.profile,
-                        redundancy=args.redundancy)
+                        redundancy=args.redundancy, stack=args.stack)
     config.validate()
+    if args.gap_plot and args.gap_budget not in config.budgets:
+        raise ValueError(f"--gap-budget {args.gap_budget} is not among --budgets {list(config.budgets)}; "
+                         "pick one of them for the gap plot")
     names = _task_names(args)
     if args.followup:
         return run_followup_eval(args, config, names)
@@ -161,7 +169,7 @@ def run(args) -> int:
         "config": {
             "methods": list(config.methods), "budgets": list(config.budgets), "tasks": names, "n": args.n,
             "seed": args.seed, "length": args.length, "window": args.window,
-            "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "threads": threads,
+            "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "threads": threads, "stack": config.stack,
             "prompt_tokens": {"min": min(lengths), "max": max(lengths)} if lengths else None,
             "machine": machine_description(), "runtime_s": round(elapsed, 1), "timing": out["timing"],
         },

@@ -4,7 +4,10 @@ Prefill attention is exact under every method (compression only changes what is 
 every layer's hidden states, window queries and keys are the same for all methods and budgets.
 Evaluation and benchmarks capture them once (:func:`capture_prefill`, a press session in its
 explicit *capture* mode) and build one compressed cache per method (:func:`build_cache`)
-instead of re-running the prefill for each.
+instead of re-running the prefill for each. :func:`build_stacked_cache` goes one step further for
+evaluation: one cache whose batch entries are different methods' compressions of the same prompt, so
+all of them decode in one batched forward (a CPU decode step is bound by reading the weights, which a
+batch reads once).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from . import defaults
+from .cache import CompressedLayer
 from .layer import LayerPrefill
 from .methods.base import Method
-from .press import PressSession, compress_layer, open_session
+from .press import PressSession, compress_layer, layer_plan, open_session
 from .selection import KeepPlan
 
 
@@ -81,5 +85,57 @@ def build_cache(
             layer.update(cap.keys, cap.values)
             if owner is not None:
                 owner.adopt(layer)
+        cache.layers.append(layer)
+    return cache, plans, seconds
+
+
+def _keep_all(layer, device) -> KeepPlan:
+    n = layer.keys.shape[2]
+    h = layer.keys.shape[1]
+    return KeepPlan(torch.arange(n, device=device).expand(1, h, n), torch.full((1, h), n, device=device))
+
+
+def stack_plans(plans: list[KeepPlan]) -> KeepPlan:
+    """One plan whose batch entry ``i`` is ``plans[i]`` (each of batch 1), filler padded to the longest."""
+    width = max(p.indices.shape[-1] for p in plans)
+    indices = torch.cat([torch.nn.functional.pad(p.indices, (0, width - p.indices.shape[-1])) for p in plans])
+    return KeepPlan(indices, torch.cat([p.lengths for p in plans]))
+
+
+def build_stacked_cache(
+    prefill: Prefill, methods: list[Method], owner: PressSession
+) -> tuple[DynamicCache, list[dict[int, KeepPlan]], list[float]]:
+    """One cache of batch ``len(methods)``: entry ``i`` holds what ``methods[i]`` keeps of the prompt.
+
+    The prefill must be of one sequence. Each method's plan is computed as :func:`build_cache`
+    computes it, from one record per (window, kernel) and layer that the methods share (scores
+    computed once, freed with the layer's turn); a layer a method leaves whole (the prompt fits its
+    budget) keeps every token in that entry. Returns the cache (every layer a :class:`CompressedLayer`
+    owned by ``owner``), each method's plans and its compression seconds.
+    """
+    if not methods:
+        raise ValueError("build_stacked_cache needs at least one method")
+    if prefill.layers and prefill.layers[0].keys.shape[0] != 1:
+        raise ValueError(f"stacking needs a prefill of one sequence, got batch {prefill.layers[0].keys.shape[0]}")
+    cache = DynamicCache()
+    plans: list[dict[int, KeepPlan]] = [{} for _ in methods]
+    seconds = [0.0] * len(methods)
+    k = len(methods)
+    for cap in prefill.layers:
+        per = []
+        records = {}  # one record per (window, kernel): methods that share it score the layer once
+        for i, method in enumerate(methods):
+            start = time.perf_counter()
+            key = (method.window, method.kernel)
+            if key not in records:
+                records[key] = cap.for_method(*key)
+            plan = layer_plan(method, records[key], own_record=False)
+            seconds[i] += time.perf_counter() - start
+            if plan is not None:
+                plans[i][cap.layer_idx] = plan
+            per.append(plan if plan is not None else _keep_all(cap, cap.keys.device))
+        b, h, n, d = cap.keys.shape
+        layer = CompressedLayer(cap.keys.expand(k, h, n, d), cap.values.expand(k, h, n, d), stack_plans(per),
+                                prompt_length=prefill.prompt_length, owner=owner)
         cache.layers.append(layer)
     return cache, plans, seconds

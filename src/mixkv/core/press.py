@@ -431,13 +431,29 @@ def compress_layer(method: Method, layer: LayerPrefill, owner: PressSession | No
     own last ``window`` queries. ``prompt_length`` is the logical length the compressed layer
     reports (default: the stored keys').
     """
-    layer = layer.for_method(method.window, method.kernel)
-    budget = method.budget_per_sequence(layer)
-    if not bool((layer.n_valid > budget).any()):
+    plan = layer_plan(method, layer)
+    if plan is None:
         return None, None
-    plan = plan_keep(method, layer)
     length = layer.keys.shape[2] if prompt_length is None else prompt_length
     return CompressedLayer(layer.keys, layer.values, plan, prompt_length=length, owner=owner), plan
+
+
+def layer_plan(method: Method, layer: LayerPrefill, own_record: bool = True) -> KeepPlan | None:
+    """The positions ``method`` keeps of one layer's prefill; None when every prompt fits its budget.
+
+    ``own_record=False``: ``layer`` is already a record for this method's window and kernel, which
+    the caller may share among methods (their scores are computed once; see
+    :func:`mixkv.core.capture.build_stacked_cache`).
+    """
+    if own_record:
+        layer = layer.for_method(method.window, method.kernel)
+    elif (layer.window, layer.kernel) != (method.window, method.kernel):
+        raise ValueError(f"record for window {layer.window} / kernel {layer.kernel}, method needs "
+                         f"{method.window} / {method.kernel}")
+    budget = method.budget_per_sequence(layer)
+    if not bool((layer.n_valid > budget).any()):
+        return None
+    return plan_keep(method, layer)
 
 
 def check_decode_options(method: Method | None, decode_budget, every) -> tuple[int | None, int | None]:

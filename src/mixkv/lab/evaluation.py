@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..core import defaults
 from ..core.capture import capture_prefill
 from ..core.registry import make_method
-from .run import MethodRun, run_method
+from .run import MethodRun, run_method, run_methods_stacked
 
 
 @dataclass
@@ -41,6 +41,7 @@ class EvalConfig:
     window: int = defaults.WINDOW
     profile: Any = None
     redundancy: str = "online"
+    stack: int = 1  # compressed (method, budget) runs of one prompt decoded as one batch (1: one at a time)
 
     def grid(self) -> list[tuple[str, int | None]]:
         """(method, budget) pairs; ``full`` appears once with budget None."""
@@ -60,6 +61,8 @@ class EvalConfig:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if isinstance(self.stack, bool) or not isinstance(self.stack, int) or self.stack < 1:
+            raise ValueError(f"stack must be a positive int (runs decoded per batch), got {self.stack!r}")
         names = [m.strip().lower() for m in self.methods]
         uses_profile = any(m.startswith(("sparsemm", "headkv")) for m in names) or (
             self.redundancy == "profile" and any(m.endswith("+mixkv") for m in names))
@@ -98,9 +101,8 @@ def evaluate(model, items: Sequence[EvalItem], config: EvalConfig, decode_text: 
         for i, item in enumerate(items):
             pre = capture_prefill(model, item.inputs, window=config.window)
             t_prefill += pre.seconds
-            for name, budget in grid:
-                cap = min(config.max_new_tokens, item.max_new_tokens or config.max_new_tokens)
-                run = run_method(model, pre, config.make(name, budget), cap, eos_token_ids)
+            cap = min(config.max_new_tokens, item.max_new_tokens or config.max_new_tokens)
+            for name, budget, run in _runs(model, pre, grid, config, cap, eos_token_ids):
                 t_compress += run.compress_seconds
                 t_decode += run.decode_seconds
                 text = decode_text(run.tokens)
@@ -131,6 +133,32 @@ def evaluate(model, items: Sequence[EvalItem], config: EvalConfig, decode_text: 
     ]
     return {"results": results, "samples": samples, "interrupted": interrupted,
             "timing": {"prefill_s": t_prefill, "compress_s": t_compress, "decode_s": t_decode}}
+
+
+def _runs(model, pre, grid, config: EvalConfig, cap: int, eos_token_ids):
+    """``(name, budget, MethodRun)`` for every grid entry of one prompt, in grid order; compressed
+    entries are decoded ``config.stack`` at a time (:func:`mixkv.lab.run.run_methods_stacked`)."""
+    if config.stack == 1:
+        for name, budget in grid:
+            yield name, budget, run_method(model, pre, config.make(name, budget), cap, eos_token_ids)
+        return
+    pending: list[tuple[str, int | None]] = []
+
+    def flush():
+        runs = run_methods_stacked(model, pre, [config.make(n, b) for n, b in pending], cap, eos_token_ids)
+        out = [(n, b, r) for (n, b), r in zip(pending, runs, strict=True)]
+        pending.clear()
+        return out
+
+    for name, budget in grid:
+        if budget is None:
+            yield name, budget, run_method(model, pre, None, cap, eos_token_ids)
+            continue
+        pending.append((name, budget))
+        if len(pending) == config.stack:
+            yield from flush()
+    if pending:
+        yield from flush()
 
 
 def mean_over_tasks(results: list[dict]) -> list[dict]:

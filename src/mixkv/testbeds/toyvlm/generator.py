@@ -253,7 +253,8 @@ def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID, 
     """
     if not isinstance(grid, int) or grid < CODE_LENGTH + 2:
         raise ValueError(f"grid must be an int >= {CODE_LENGTH + 2} cells per side, got {grid!r}")
-    if (grid != GRID if tags is None else tags) and grid > len(ROW_LABELS):
+    tagged = grid != GRID if tags is None else tags
+    if tagged and grid > len(ROW_LABELS):
         raise ValueError(f"coordinate tags name cells by letters: grids up to {len(ROW_LABELS)}, got {grid}")
     lo, hi = n_shapes
     if not 1 <= lo <= hi <= len(SHAPES):
@@ -276,7 +277,6 @@ def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID, 
     k = rng.randint(*n_shapes)
     kinds = rng.sample(SHAPES, k)
     colours = rng.sample(sorted(COLOURS), k)
-    tagged = grid != GRID if tags is None else tags
     width = 3 if tagged else 1  # a shape and its two tags, side by side
     for kind, colour in zip(kinds, colours):
         while True:

@@ -8,6 +8,12 @@ STAMP := .setup-done
 
 .PHONY: setup demo test lint bench eval compare kvpress-env lmms-env lmms-check vllm-env vllm-check clean
 
+# The stamp lives in the checkout, the install in the interpreter: when the interpreter no longer finds
+# mixkv (a fresh machine under an old checkout, an editable install whose path moved), set up again.
+ifneq ($(shell $(PYTHON) -c "import importlib.util as u; print(all(u.find_spec(m) for m in ('mixkv', 'pytest')))" 2>/dev/null),True)
+$(shell rm -f $(STAMP))
+endif
+
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[dev]"

@@ -1,6 +1,6 @@
 """`make vllm-check`: mixkv's vLLM plugin against vLLM itself and against mixkv's own press, offline.
 
-Run inside the venv made by `make vllm-env` (scripts/vllm_env.sh). Three parts:
+Run inside the venv made by `make vllm-env` (scripts/vllm_env.sh). Six parts:
 
 (a) equal: greedy outputs with the plugin and a budget that covers every prompt equal vLLM without it;
 (b) press: with compression (SnapKV+MixKV at budgets 64 and 128), vLLM's outputs and kept positions
@@ -10,12 +10,21 @@ Run inside the venv made by `make vllm-env` (scripts/vllm_env.sh). Three parts:
 (c) capacity: a fixed KV pool (``kv_cache_memory_bytes``, sized for two full requests), many
     concurrent ~4k-token prompts of mixkv's task suite; requests running at once (the scheduler trace
     the plugin writes), output and total tokens per second and accuracy, full vs SnapKV+MixKV at
-    budgets 64/128/256.
+    budgets 64/128/256;
+(d) per-layer and per-head budgets: what they would cost in paged blocks, measured on real prompts;
+(e) preemption: a KV pool too small for every compressed request's growing outputs, so vLLM preempts
+    running requests and recomputes them (the plugin compresses a resumed request's prompt again and
+    then recomputes its outputs over the compressed prompt); every request must finish and every
+    output must equal a run with a roomy pool, where nothing is preempted. The full cache under the
+    same two pools is the control (vLLM's own preemption);
+(f) tensor parallelism: the model's KV heads split over --tp-size worker processes (each compresses its
+    own heads); outputs and kept positions must equal the one-process plugin's, with vLLM's own
+    tensor-parallel run against its one-process run as the control.
 
 Each vLLM configuration runs in its own process (``--job``): the plugin reads its configuration from
 the environment when vLLM starts its processes, and a fresh process frees the engine completely.
 Results go to ``results/vllm-capacity.json`` (``--json``); a table is printed. The script exits
-non-zero when (a) or (b) finds a difference.
+non-zero when (a), (b), (e) or (f) finds a difference.
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ def run_job(job: Job) -> None:
     done = time.perf_counter()
     result = {
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        "request_ids": [o.request_id for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
         "load_seconds": ready - started,
         "generate_seconds": done - ready,
@@ -366,6 +376,145 @@ def part_skew(args, tokenizer) -> dict:
     return {"block_size": bs, "rows": rows, "summary": summary}
 
 
+# ---- (e) preemption ---------------------------------------------------------------------------------------
+
+
+def engine_index(request_ids: list[str]) -> dict[str, int]:
+    """Prompt index of each engine-side request id (vLLM appends ``-<8 hex>`` to the caller's id)."""
+    return {rid: i for i, rid in enumerate(request_ids)}
+
+
+def to_prompt(engine_id: str, index: dict[str, int]) -> int:
+    if engine_id in index:
+        return index[engine_id]
+    return index[engine_id.rsplit("-", 1)[0]]
+
+
+def part_preempt(args, tokenizer, work: Path) -> dict:
+    """Run the same prompts with a roomy and a tight KV pool, compressed and full, and compare."""
+    from mixkv.integrations.vllm.trace import read_trace
+
+    prompts = suite_prompts(tokenizer, ["passkey", "kv_retrieval"], args.preempt_n, args.press_length, seed=3)
+    ids = [p.ids for p in prompts]
+    lengths = [len(i) for i in ids]
+    bs, tokens = args.block_size, args.preempt_tokens
+    max_len = max(lengths) + tokens + bs
+    # vLLM admits a waiting request only when its whole prompt fits in the free blocks, and the pool must
+    # hold one request of max_len. Compressed: the smallest such pool, so the admitted requests' outputs
+    # outgrow it. Full (the control): room for two prompts, so two run and their outputs outgrow it.
+    prompt_blocks = -(-max(lengths) // bs)
+    pools = {"snapkv+mixkv": -(-max_len // bs) + 1 + args.preempt_spare,
+             "full": max(-(-max_len // bs), 2 * prompt_blocks) + 1 + args.preempt_spare}
+    print(f"(e) {len(ids)} prompts of {min(lengths)}-{max(lengths)} tokens, {tokens} output tokens each (EOS ignored); "
+          f"tight KV pools of {pools['snapkv+mixkv']} (compressed) and {pools['full']} (full) blocks of {bs}, "
+          f"chunked prefill {args.preempt_chunk} tokens per step")
+    engine = {"max_num_batched_tokens": args.preempt_chunk, "max_num_seqs": len(ids)}
+    report: dict = {"prompt_tokens": lengths, "output_tokens": tokens, "pool_blocks": pools, "block_size": bs,
+                    "budget": args.preempt_budget, "chunk_tokens": args.preempt_chunk}
+    ok = True
+    for method in args.preempt_methods:
+        env = {"MIXKV_VLLM_METHOD": method}
+        if method != "full":
+            env["MIXKV_VLLM_BUDGET"] = str(args.preempt_budget)
+        runs = {}
+        for pool in ("roomy", "tight"):
+            trace = work / f"trace-pre-{method}-{pool}.jsonl"
+            kwargs = llm_kwargs(args.model, max_len, bs, **engine)
+            if pool == "tight":
+                kwargs["kv_cache_memory_bytes"] = pools[method] * bs * BYTES_PER_TOKEN
+            res = launch(Job({**env, "MIXKV_VLLM_TRACE": str(trace)}, kwargs, ids, tokens,
+                             str(work / f"pre-{method}-{pool}.json"), ignore_eos=True), f"{method}, {pool} pool")
+            index = engine_index(res["request_ids"])
+            events = [(to_prompt(rid, index), n) for step in read_trace(trace)
+                      for rid, n in zip(step.preempted, step.preempted_outputs)]
+            runs[pool] = (res, events)
+        (roomy, roomy_events), (tight, events) = runs["roomy"], runs["tight"]
+        first_at: dict[int, int] = {}
+        for i, n in events:
+            first_at.setdefault(i, n)
+        diffs = [first_difference(a, b) for a, b in zip(tight["tokens"], roomy["tokens"])]
+        finished = all(len(t) == tokens for t in tight["tokens"])
+        untouched = [i for i in range(len(ids)) if i not in first_at]
+        row = {
+            "preemptions": len(events), "preemptions_with_outputs": sum(n > 0 for _, n in events),
+            "requests_preempted": len(first_at), "roomy_preemptions": len(roomy_events),
+            "all_finished": finished, "first_difference": diffs,
+            "outputs_when_first_preempted": {str(i): n for i, n in sorted(first_at.items())},
+            "never_preempted_equal": sum(diffs[i] is None for i in untouched), "never_preempted": len(untouched),
+            "preempted_equal_before_preemption": sum(diffs[i] is None or diffs[i] >= n for i, n in first_at.items()),
+            "preempted_equal_throughout": sum(diffs[i] is None for i in first_at),
+            "seconds_roomy": roomy["generate_seconds"], "seconds_tight": tight["generate_seconds"],
+        }
+        report[method] = row
+        print(f"    {method}: {row['preemptions']} preemptions ({row['preemptions_with_outputs']} of requests "
+              f"already decoding) over {row['requests_preempted']} requests; all finished: {finished}; never "
+              f"preempted == roomy pool: {row['never_preempted_equal']}/{row['never_preempted']}; preempted == roomy "
+              f"up to the preemption: {row['preempted_equal_before_preemption']}/{row['requests_preempted']}, "
+              f"throughout: {row['preempted_equal_throughout']}/{row['requests_preempted']}", flush=True)
+        if method != "full":  # the plugin's own checks; the full cache is the control
+            ok &= (finished and row["preemptions_with_outputs"] > 0 and row["roomy_preemptions"] == 0
+                   and all(d is None for d in diffs))
+            if row["preemptions_with_outputs"] == 0:
+                print("    (e) no decoding request was preempted: the check did not exercise preemption; "
+                      "lower --preempt-spare or raise --preempt-tokens", flush=True)
+    report["ok"] = bool(ok)
+    return report
+
+
+# ---- (f) tensor parallelism -----------------------------------------------------------------------------------
+
+
+def load_kept(dump: Path) -> dict:
+    """Kept positions per prompt from a dump folder, (L, H, B); tensor-parallel ranks joined along heads."""
+    import torch
+
+    parts: dict[tuple, dict[int, object]] = {}
+    for f in sorted(dump.glob("*.pt")):
+        d = torch.load(f)
+        parts.setdefault(tuple(d["prompt"]), {})[int(d.get("tp_rank", 0))] = d["kept"]
+    return {k: torch.cat([v[r] for r in sorted(v)], dim=1) for k, v in parts.items()}
+
+
+def part_tensor_parallel(args, tokenizer, work: Path) -> dict:
+    prompts = suite_prompts(tokenizer, ["passkey", "kv_retrieval"], args.press_n, args.press_length, seed=1)
+    ids = [p.ids for p in prompts]
+    max_len = max(len(i) for i in ids) + args.press_tokens + 64
+    tp = args.tp_size
+    print(f"(f) tensor parallelism {tp}: {len(ids)} prompts, {args.press_tokens} greedy tokens "
+          f"(VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'nobind')})")
+    # Binding is per rank; "auto" wants a NUMA node per rank, so the ranks share the cores unbound unless told.
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
+    report: dict = {"tp_size": tp, "prompt_tokens": [len(i) for i in ids], **bind}
+    ok = True
+    for budget in [None, *args.press_budgets]:
+        env = {} if budget is None else {"MIXKV_VLLM_METHOD": "snapkv+mixkv", "MIXKV_VLLM_BUDGET": str(budget)}
+        label = "no plugin" if budget is None else f"snapkv+mixkv@{budget}"
+        got = {}
+        for size in (1, tp):
+            dump = work / f"tp{size}-{label}"
+            run_env = {**env, **bind, **({"MIXKV_VLLM_DUMP": str(dump)} if budget is not None else {})}
+            kwargs = llm_kwargs(args.model, max_len, args.block_size, tensor_parallel_size=size)
+            res = launch(Job(run_env, kwargs, ids, args.press_tokens, str(work / f"tp{size}-{label}.json")),
+                         f"{label}, tensor parallel {size}")
+            got[size] = (res["tokens"], load_kept(dump) if budget is not None else {})
+        (one, one_kept), (many, many_kept) = got[1], got[tp]
+        diffs = [first_difference(a, b) for a, b in zip(many, one)]
+        same = all(d is None for d in diffs)
+        row = {"outputs_equal": same, "first_difference": diffs}
+        if budget is not None:
+            keys = [tuple(i) for i in ids]
+            shapes_ok = all(k in many_kept and k in one_kept and many_kept[k].shape == one_kept[k].shape for k in keys)
+            row["kept_positions_agreement"] = (kept_agreement([many_kept[k] for k in keys], [one_kept[k] for k in keys])
+                                               if shapes_ok else 0.0)
+            ok &= same and shapes_ok and row["kept_positions_agreement"] == 1.0
+        report[label] = row
+        kept = f"; kept positions shared: {row['kept_positions_agreement']:.4f}" if budget is not None else " (control)"
+        print(f"    {label}: tensor parallel {tp} == one process on {sum(d is None for d in diffs)}/{len(ids)} prompts "
+              f"(first differing token: {diffs}){kept}", flush=True)
+    report["ok"] = bool(ok)
+    return report
+
+
 def merge_capacity(old: dict | None, new: dict) -> dict:
     """Rows of an earlier run with the same pool and prompts are kept unless rerun now (runs are long)."""
     same = old is not None and all(old.get(k) == new[k] for k in ("pool_bytes", "prompt_tokens", "output_tokens"))
@@ -399,8 +548,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="transformers folder (make vllm-env)")
-    ap.add_argument("--parts", default="a,b,c,d",
-                    help="which checks: a,b (equality, press), c (capacity), d (per-layer/per-head block needs)")
+    ap.add_argument("--parts", default="a,b,c,d,e,f",
+                    help="which checks: a,b (equality, press), c (capacity), d (per-layer/per-head block needs), "
+                         "e (preemption), f (tensor parallelism)")
     ap.add_argument("--block-size", type=int, default=32, help="vLLM block size (CPU kernels: a multiple of 32)")
     ap.add_argument("--press-n", type=int, default=1, help="prompts per task for (a)/(b)")
     ap.add_argument("--press-length", type=int, default=600)
@@ -417,9 +567,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pool-requests", type=int, default=2, help="the KV pool holds this many full requests")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--batched-tokens", type=int, default=4096, help="max_num_batched_tokens (chunked prefill)")
+    ap.add_argument("--preempt-n", type=int, default=4, help="prompts per task for (e) (length: --press-length)")
+    ap.add_argument("--preempt-budget", type=int, default=64, help="SnapKV+MixKV budget of (e)")
+    ap.add_argument("--preempt-tokens", type=int, default=256, help="output tokens per request in (e)")
+    ap.add_argument("--preempt-spare", type=int, default=0,
+                    help="blocks in (e)'s tight pools beyond what vLLM needs (fewer: more preemptions)")
+    ap.add_argument("--preempt-methods", default="snapkv+mixkv,full",
+                    help="(e)'s runs: snapkv+mixkv (the check) and full (the control: vLLM's own preemption)")
+    ap.add_argument("--preempt-chunk", type=int, default=256, help="max_num_batched_tokens of (e)")
+    ap.add_argument("--tp-size", type=int, default=3,
+                    help="tensor-parallel size of (f) (must divide the model's KV heads: SmolLM2-135M has 3)")
     ap.add_argument("--json", type=Path, default=ROOT / "results" / "vllm-capacity.json")
     args = ap.parse_args(argv)
     args.press_budgets = [int(b) for b in args.press_budgets.split(",")]
+    args.preempt_methods = [m.strip() for m in args.preempt_methods.split(",")]
+    unknown = set(args.preempt_methods) - {"snapkv+mixkv", "full"}
+    if unknown:
+        ap.error(f"--preempt-methods: unknown {sorted(unknown)}; accepted: snapkv+mixkv, full")
     args.skew_budgets = [int(b) for b in args.skew_budgets.split(",")]
     args.cap_requests = {k.strip(): int(v) for k, v in (item.split(":") for item in args.cap_requests.split(","))}
     return args
@@ -450,6 +614,12 @@ def main(argv=None) -> int:
             report["capacity"] = merge_capacity(report.get("capacity"), part_capacity(args, tokenizer, work))
         if "d" in parts:
             report["paged_budgets"] = part_skew(args, tokenizer)
+        if "e" in parts:
+            report["preemption"] = part_preempt(args, tokenizer, work)
+            ok &= report["preemption"]["ok"]
+        if "f" in parts:
+            report["tensor_parallel"] = part_tensor_parallel(args, tokenizer, work)
+            ok &= report["tensor_parallel"]["ok"]
     if "capacity" in report:
         print_table(report["capacity"])
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,17 @@ def test_the_step_that_completes_the_prompt_triggers_compression():
     assert not rule.finishes_prompt(0, 60, 60)  # fits the budget: never compressed
 
 
+def test_a_step_stops_at_the_end_of_the_prompt_it_completes():
+    rule = CompressionRule(budget=64, window=32)
+    assert rule.stop_at_prompt(0, 510, 500) == 500  # resumed: prompt first, outputs after compression
+    assert rule.stop_at_prompt(256, 300, 500) == 244  # resumed, chunked
+    assert rule.stop_at_prompt(500, 10, 500) == 10  # the outputs, over the compressed prompt
+    assert rule.stop_at_prompt(0, 500, 500) == 500 and rule.stop_at_prompt(0, 256, 500) == 256  # first prefill
+    assert rule.stop_at_prompt(520, 1, 500) == 1  # decoding
+    assert rule.stop_at_prompt(0, 70, 60) == 70  # fits the budget: never compressed, never cut
+    assert not rule.finishes_prompt(0, rule.stop_at_prompt(0, 0, 500), 500)  # nothing scheduled stays nothing
+
+
 def test_window_rows_across_chunks():
     rule = CompressionRule(budget=40, window=8)
     # request 0: prompt 100, chunk [90, 96) now; request 1: prompt 50 in one step at batch rows 6..55;
@@ -282,6 +293,19 @@ def test_trace_roundtrip(tmp_path):
     assert read_trace(path) == [rec, rec] and read_trace(tmp_path / "none") == []
 
 
+def test_trace_keeps_preemptions_and_reads_older_lines(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    rec = StepRecord(t=2.0, running=4, waiting=1, scheduled_tokens=3, free_blocks=0, total_blocks=25,
+                     compressed=4, freed_blocks=0, preempted=["7", "6"], preempted_outputs=[40, 0])
+    TraceWriter(path).write(rec)
+    old = '{"t": 1.0, "running": 1, "waiting": 0, "scheduled_tokens": 9, "free_blocks": 3, "total_blocks": 9, ' \
+          '"compressed": 0, "freed_blocks": 0}'
+    with path.open("a") as fh:  # a line written before preemptions were traced
+        fh.write(old + "\n")
+    got = read_trace(path)
+    assert got[0] == rec and got[1].preempted == [] and got[1].preempted_outputs == []
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                     reason="vLLM is not installed here; the engine is checked by `make vllm-check` in its own venv")
 def test_patches_apply_to_the_installed_vllm(monkeypatch):
@@ -292,7 +316,8 @@ def test_patches_apply_to_the_installed_vllm(monkeypatch):
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    for cls, names in [(Scheduler, ["schedule", "_preempt_request"]), (KVCacheManager, ["allocate_slots"]),
+    for cls, names in [(Scheduler, ["schedule", "_preempt_request", "_reserve_prefill_lookahead"]),
+                       (KVCacheManager, ["allocate_slots"]),
                        (GPUModelRunner, ["_prepare_inputs", "execute_model"])]:
         for name in names:
             assert callable(getattr(cls, name))

@@ -12,7 +12,8 @@ in each of them; environment variables reach every one of them, whether the engi
 * ``MIXKV_VLLM_TRACE``: a path; the scheduler appends one JSON line per step (running and waiting
   requests, free blocks) so a benchmark can read concurrency from any process layout.
 * ``MIXKV_VLLM_DUMP``: a directory; the worker saves the kept positions of every compressed request
-  there (``<request id>.pt``), so a check can compare them with ``mixkv.press``'s.
+  there (``<request id>.pt``; with tensor parallelism one file per rank, ``<request id>.tp<rank>.pt``,
+  each holding that rank's KV heads), so a check can compare them with ``mixkv.press``'s.
 
 Decisions (the issue is silent on them):
 

@@ -159,9 +159,18 @@ def compress_finished_prompts(runner, state: RunnerState) -> None:
             out = Path(state.config.dump_dir)
             out.mkdir(parents=True, exist_ok=True)
             ids = req_state.prompt_token_ids
+            rank, ranks = _tp_rank()
+            name = f"{rid}.pt" if ranks == 1 else f"{rid}.tp{rank}.pt"  # each rank holds its own KV heads
             torch.save({"prompt_length": prompt, "prompt": list(ids) if ids is not None else None,
-                        "kept": torch.stack(plans)}, out / f"{rid}.pt")
+                        "kept": torch.stack(plans), "tp_rank": rank, "tp_size": ranks}, out / name)
         logger.debug("mixkv: compressed %s (%d -> %d tokens, %d blocks kept)", rid, prompt, state.rule.budget, keep)
+
+
+def _tp_rank() -> tuple[int, int]:
+    """This worker's tensor-parallel rank and the group size (its KV heads are one slice of the layer's)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
 
 
 def patch_runner(config: PluginConfig) -> None:

@@ -1,7 +1,7 @@
 """Engine-core side: free a compressed request's blocks and size its later allocations by held slots.
 
 vLLM 0.32 has no call that shrinks a running request below its position (``remove_skipped_blocks``
-only swaps blocks for the null block and keeps the table positional), so four functions are wrapped,
+only swaps blocks for the null block and keeps the table positional), so five functions are wrapped,
 each for one reason:
 
 * ``Scheduler.__init__``: turns prefix caching off (compressed blocks no longer hold the prompt's
@@ -18,7 +18,14 @@ each for one reason:
   are counted from the held length (a decode step needs a block only every ``block_size`` tokens).
   Everything else (output, positions, stop checks) keeps the true count.
 * ``Scheduler._preempt_request``: forgets the offset; the preempted request is recomputed from
-  scratch and compressed again when its recomputation reaches the end of its prompt.
+  scratch and compressed again when its recomputation reaches the end of its prompt (the same kept
+  positions: the prompt's keys and values do not depend on what follows). The preemption is noted
+  for the trace.
+* ``Scheduler._reserve_prefill_lookahead`` (vLLM's last cap on a request's tokens in a step, for
+  running and waiting requests alike): a step that would run past the end of a prompt it completes
+  stops there (:meth:`.slots.CompressionRule.stop_at_prompt`). Only a resumed request has tokens past
+  its prompt; this way its outputs are recomputed over the compressed prompt, as they were first
+  computed, and preemption does not change what it generates.
 
 State lives in one :class:`SchedulerState` per process (vLLM runs one scheduler per engine core).
 """
@@ -44,6 +51,7 @@ class SchedulerState:
     offsets: dict[str, int] = field(default_factory=dict)
     trace: TraceWriter | None = None
     freed_total: int = 0
+    preempted: list[tuple[str, int]] = field(default_factory=list)  # (request id, outputs) since the last trace line
 
 
 STATE: SchedulerState | None = None
@@ -88,6 +96,7 @@ def patch_scheduler(config: PluginConfig) -> None:
         return
     STATE = SchedulerState(config=config, rule=CompressionRule(config.budget, config.window))
     init, schedule, preempt = Scheduler.__init__, Scheduler.schedule, Scheduler._preempt_request
+    lookahead = Scheduler._reserve_prefill_lookahead
     allocate = KVCacheManager.allocate_slots
 
     @functools.wraps(init)
@@ -121,7 +130,9 @@ def patch_scheduler(config: PluginConfig) -> None:
             STATE.trace.write(StepRecord(
                 t=now(), running=len(self.running), waiting=len(self.waiting),
                 scheduled_tokens=int(output.total_num_scheduled_tokens), free_blocks=pool.get_num_free_blocks(),
-                total_blocks=pool.num_gpu_blocks, compressed=len(STATE.offsets), freed_blocks=freed))
+                total_blocks=pool.num_gpu_blocks, compressed=len(STATE.offsets), freed_blocks=freed,
+                preempted=[rid for rid, _ in STATE.preempted], preempted_outputs=[n for _, n in STATE.preempted]))
+        STATE.preempted.clear()  # also without a trace: the list must not grow for the server's lifetime
         return output
 
     @functools.wraps(allocate)
@@ -138,11 +149,18 @@ def patch_scheduler(config: PluginConfig) -> None:
     @functools.wraps(preempt)
     def _preempt_request(self, request, *args, **kwargs):
         STATE.offsets.pop(request.request_id, None)
+        STATE.preempted.append((request.request_id, int(request.num_output_tokens)))
         return preempt(self, request, *args, **kwargs)
+
+    @functools.wraps(lookahead)
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs):
+        n = lookahead(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs)
+        return STATE.rule.stop_at_prompt(num_computed_tokens, n, request.num_prompt_tokens)
 
     Scheduler.__init__ = __init__
     Scheduler.schedule = schedule_
+    Scheduler._preempt_request = _preempt_request  # without compression: only noted for the trace
     if config.compresses:
         KVCacheManager.allocate_slots = allocate_slots
-        Scheduler._preempt_request = _preempt_request
+        Scheduler._reserve_prefill_lookahead = _reserve_prefill_lookahead
     Scheduler._mixkv_patched = True

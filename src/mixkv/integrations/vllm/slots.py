@@ -16,7 +16,11 @@ size), so they agree on which request was compressed, when, and how many blocks 
   fits is left as it is);
 * it is compressed at the end of the step whose scheduled tokens reach the end of its prompt
   (``computed < prompt_length <= computed + scheduled``), so chunked prefill works and a request
-  resumed after preemption (recomputing prompt and outputs at once) is compressed again;
+  resumed after preemption is compressed again;
+* a step never runs past the end of a prompt it completes (:meth:`CompressionRule.stop_at_prompt`):
+  a request resumed after preemption recomputes its prompt, is compressed, and only then recomputes
+  its outputs, over the compressed cache as they were first computed, so preemption does not change
+  what it generates;
 * it then keeps ``ceil(held / block_size)`` blocks, ``held = computed_after_step - offset``.
 """
 
@@ -48,6 +52,16 @@ class CompressionRule:
     def finishes_prompt(self, computed: int, scheduled: int, prompt_length: int) -> bool:
         """True for the step after which the request is compressed."""
         return self.compresses(prompt_length) and computed < prompt_length <= computed + scheduled
+
+    def stop_at_prompt(self, computed: int, scheduled: int, prompt_length: int) -> int:
+        """Tokens to schedule: ``scheduled``, cut at the end of the prompt when the step would cross it.
+
+        Only a request that already has outputs (resumed after preemption) can cross: its outputs'
+        keys and values must be computed over the compressed prompt, as when they were generated.
+        """
+        if self.compresses(prompt_length) and computed < prompt_length < computed + scheduled:
+            return prompt_length - computed
+        return scheduled
 
     def held(self, computed: int, prompt_length: int) -> int:
         """Slots in use once ``computed`` tokens are in the cache (compressed when the prompt is done)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -25,6 +25,9 @@ class StepRecord:
     total_blocks: int
     compressed: int  # requests holding a compressed cache
     freed_blocks: int  # blocks returned by compression in this step
+    # preemptions in this step (traces written before these fields existed read as none)
+    preempted: list[str] = field(default_factory=list)  # request ids, in order
+    preempted_outputs: list[int] = field(default_factory=list)  # output tokens each had when preempted
 
 
 class TraceWriter:

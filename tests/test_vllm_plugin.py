@@ -283,6 +283,24 @@ def test_register_is_inert_without_a_method(monkeypatch):
     register()
 
 
+def test_engine_configurations_the_plugin_refuses():
+    from mixkv.integrations.vllm.scheduler_patch import engine_refusal
+
+    fine = dict(group_specs=["FullAttentionSpec"], v2_runner=False, async_scheduling=False, concurrent_batches=1,
+                pipeline_parallel=1)
+    assert engine_refusal(**fine) is None
+    assert engine_refusal(**{**fine, "tensor_parallel": 3, "kv_heads": 3}) is None  # one KV head per worker
+    for change, words in [({"group_specs": ["FullAttentionSpec", "SlidingWindowSpec"]}, "one full-attention"),
+                          ({"group_specs": ["MambaSpec"]}, "one full-attention"),
+                          ({"v2_runner": True}, "VLLM_USE_V2_MODEL_RUNNER=0"),
+                          ({"async_scheduling": True}, "synchronous scheduling"),
+                          ({"pipeline_parallel": 2, "concurrent_batches": 2}, "pipeline parallelism"),
+                          ({"concurrent_batches": 2}, "one batch in flight"),
+                          ({"tensor_parallel": 9, "kv_heads": 3}, "not larger than the model's KV heads")]:
+        message = engine_refusal(**{**fine, **change})
+        assert message is not None and words in message, (change, message)
+
+
 def test_trace_roundtrip(tmp_path):
     path = tmp_path / "t" / "trace.jsonl"
     writer = TraceWriter(path)

@@ -5,10 +5,11 @@ only swaps blocks for the null block and keeps the table positional), so five fu
 each for one reason:
 
 * ``Scheduler.__init__``: turns prefix caching off (compressed blocks no longer hold the prompt's
-  prefix, so they must never be shared or reused) and checks that the model has one full-attention
-  KV group, that the workers use the V1 model runner (the one :mod:`.runner_patch` wraps) and that
-  scheduling is synchronous (the CPU platform forces it; with async scheduling the trim below could
-  run before the worker has compressed).
+  prefix, so they must never be shared or reused) and checks (:func:`engine_refusal`) that the model
+  has one full-attention KV group, that the workers use the V1 model runner (the one
+  :mod:`.runner_patch` wraps) and that the scheduler waits for each step before the next (no async
+  scheduling, no pipeline parallelism: with a batch queue the trim below could run before the worker
+  has compressed).
 * ``Scheduler.schedule``: before scheduling, every running request whose prompt was completed by the
   previous step (and was compressed by the worker at the end of that step, :mod:`.slots` says when)
   gives its blocks past ``ceil(held / block_size)`` back to the pool, and its offset
@@ -55,6 +56,37 @@ class SchedulerState:
 
 
 STATE: SchedulerState | None = None
+
+
+def engine_refusal(group_specs: list[str], v2_runner: bool, async_scheduling: bool,
+                   concurrent_batches: int, pipeline_parallel: int, tensor_parallel: int = 1,
+                   kv_heads: int = 1) -> str | None:
+    """Why the plugin cannot compress in this engine configuration (None: it can).
+
+    ``group_specs``: the class names of the KV cache groups' specs. The scheduler frees a request's
+    blocks at the step after the worker compressed it, so the scheduler must not run ahead of the
+    workers (async scheduling and pipeline parallelism keep several batches in flight). A KV head's
+    score averages its whole GQA group's queries, so a head must not be split over workers.
+    """
+    if group_specs != ["FullAttentionSpec"]:
+        return f"mixkv's vLLM plugin supports models with one full-attention KV cache group; got {group_specs}"
+    if v2_runner:
+        return ("mixkv's vLLM plugin patches the V1 model runner; vLLM chose the V2 runner "
+                "(set VLLM_USE_V2_MODEL_RUNNER=0)")
+    if async_scheduling:
+        return "mixkv's vLLM plugin needs synchronous scheduling (async_scheduling=False)"
+    if pipeline_parallel > 1:
+        return (f"mixkv's vLLM plugin does not support pipeline parallelism (pipeline_parallel_size="
+                f"{pipeline_parallel}): its batch queue lets the scheduler free blocks before the workers have "
+                "compressed them; use tensor parallelism (supported) or one stage")
+    if tensor_parallel > kv_heads:
+        return (f"mixkv's vLLM plugin needs tensor_parallel_size ({tensor_parallel}) not larger than the model's KV "
+                f"heads ({kv_heads}): vLLM would replicate each KV head over workers that each hold part of its "
+                f"query group, so the copies would keep different tokens; use a size that divides {kv_heads}")
+    if concurrent_batches > 1:
+        return (f"mixkv's vLLM plugin needs one batch in flight (vLLM would keep {concurrent_batches}): the "
+                "scheduler must not free blocks before the workers have compressed them")
+    return None
 
 
 def _single_type_managers(scheduler) -> list:
@@ -107,14 +139,16 @@ def patch_scheduler(config: PluginConfig) -> None:
         init(self, vllm_config, kv_cache_config, *args, **kwargs)
         groups = kv_cache_config.kv_cache_groups
         if config.compresses:
-            if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
-                raise RuntimeError("mixkv's vLLM plugin supports models with one full-attention KV cache group; got "
-                                   f"{[type(g.kv_cache_spec).__name__ for g in groups]}")
-            if vllm_config.use_v2_model_runner:
-                raise RuntimeError("mixkv's vLLM plugin patches the V1 model runner; vLLM chose the V2 runner "
-                                   "(set VLLM_USE_V2_MODEL_RUNNER=0)")
-            if vllm_config.scheduler_config.async_scheduling:
-                raise RuntimeError("mixkv's vLLM plugin needs synchronous scheduling (async_scheduling=False)")
+            specs = ["FullAttentionSpec" if isinstance(g.kv_cache_spec, FullAttentionSpec)
+                     else type(g.kv_cache_spec).__name__ for g in groups]
+            refusal = engine_refusal(specs, bool(vllm_config.use_v2_model_runner),
+                                     bool(vllm_config.scheduler_config.async_scheduling),
+                                     int(vllm_config.max_concurrent_batches),
+                                     int(vllm_config.parallel_config.pipeline_parallel_size),
+                                     int(vllm_config.parallel_config.tensor_parallel_size),
+                                     int(vllm_config.model_config.get_total_num_kv_heads()))
+            if refusal:
+                raise RuntimeError(refusal)
         STATE.block_size = groups[0].kv_cache_spec.block_size if groups else 0
         if config.trace_path and STATE.trace is None:
             STATE.trace = TraceWriter(config.trace_path)

@@ -476,6 +476,7 @@ def load_kept(dump: Path) -> dict:
 
 
 def part_tensor_parallel(args, tokenizer, work: Path) -> dict:
+    """The (b) prompts with one worker and with ``--tp-size`` workers, without and with the plugin."""
     prompts = suite_prompts(tokenizer, ["passkey", "kv_retrieval"], args.press_n, args.press_length, seed=1)
     ids = [p.ids for p in prompts]
     max_len = max(len(i) for i in ids) + args.press_tokens + 64
@@ -590,6 +591,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    raw_args = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.job:
         run_job(Job(**json.loads(Path(args.job).read_text())))
@@ -620,6 +622,11 @@ def main(argv=None) -> int:
         if "f" in parts:
             report["tensor_parallel"] = part_tensor_parallel(args, tokenizer, work)
             ok &= report["tensor_parallel"]["ok"]
+    # What produced this file: a run of every part replaces the list, a partial run adds to it.
+    run = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["scripts/vllm_check.py", *raw_args]),
+           "parts": ",".join(sorted(parts)), "ok": bool(ok)}
+    everything = parts >= set(parse_args([]).parts.split(","))
+    report["runs"] = ([] if everything else list(report.get("runs", []))) + [run]
     if "capacity" in report:
         print_table(report["capacity"])
     args.json.parent.mkdir(parents=True, exist_ok=True)

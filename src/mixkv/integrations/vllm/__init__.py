@@ -24,13 +24,12 @@ Nothing here imports vLLM at import time; only :func:`.plugin.register` does, wh
 Limits (each refused with a message where it can be detected): the CPU attention backend
 (``CPU_ATTN``) only, since GPU backends store the cache in other layouts; vLLM's V1 model runner;
 one batch in flight (no async scheduling, no pipeline parallelism); models with one full-attention
-KV cache group (no sliding-window or hybrid models); no prefix caching (turned off); uniform methods
-only. Preemption: a preempted request is
-recomputed, compressed again, and its outputs recomputed over the compressed prompt, so it generates
-what it would have without the preemption (``make vllm-check`` part e). Tensor parallelism: each
-worker compresses its own KV heads (part f, on CPU). Not tested: speculative decoding, GPU
-backends. Compression runs synchronously in the worker at the end of the step that
-completes a prompt.
+KV cache group (no sliding-window or hybrid models); tensor parallelism no wider than the KV heads;
+no prefix caching (turned off); uniform methods only. Preemption: a preempted request is recomputed,
+compressed again, and its outputs recomputed over the compressed prompt, so it generates what it
+would have without the preemption (``make vllm-check`` part e). Tensor parallelism: each worker
+compresses its own KV heads (part f, on CPU). Not tested: speculative decoding, GPU backends.
+Compression runs synchronously in the worker at the end of the step that completes a prompt.
 """
 
 from .config import PluginConfig, config_from_env

@@ -2,8 +2,8 @@
 """Which kinds of tokens SnapKV and SnapKV+MixKV keep on toy-vlm-24 colour prompts at B=32, window 16.
 
 Share of the kept slots outside the window, over all (layer, KV head) caches of held-out seeds 0-3:
-prompt text (system prompt, chat template, question), blank image cells, tags, glyphs, the shape the
-question names, other shapes. Usage: ``python scripts/kept_kinds_toyvlm24.py`` (~1 min on 2 cores).
+prompt text (system prompt, chat template, question), blank image cells, tags, list numbers, glyphs,
+the shape the question names, other shapes. Usage: ``python scripts/kept_kinds_toyvlm24.py`` (~1 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def token_kinds(sample, input_ids, image_token_id: int) -> list[str]:
     """What each prompt position holds, in the words of the table."""
     first = int((input_ids == image_token_id).nonzero()[0])
     words = gen.cell_words(sample.scene)
+    numbers = {e.patch_in(sample.scene.grid): True for e in sample.scene.numbers}
     kinds = []
     for p in range(len(input_ids)):
         cell = p - first
@@ -35,6 +36,8 @@ def token_kinds(sample, input_ids, image_token_id: int) -> list[str]:
             kinds.append("answer shape")
         elif words[cell].startswith(("row ", "column ")):
             kinds.append("tag")
+        elif numbers.get(cell):
+            kinds.append("number")
         else:
             kinds.append("other shape" if " " in words[cell] else "glyph")
     return kinds

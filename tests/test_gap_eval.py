@@ -84,5 +84,5 @@ def test_v2_eval_stacked_end_to_end(tmp_path):
     assert len(runs) == 2 * (1 + 3 * 2)
     full = {s["task"]: s for s in data["samples"] if s["method"] == "full"}
     assert full["ground"]["score"] == full["ground"]["score_near"] == 1.0
-    assert full["count"]["output"].startswith("There are ")
+    assert full["count"]["output"].startswith("There are ") and full["count"]["score"] == 1.0
     assert {r["method"] for r in data["gap"]["summary"]} == {"full", "snapkv", "snapkv+mixkv", "adakv+mixkv"}

@@ -12,9 +12,8 @@ from mixkv.testbeds.toyvlm import model as tv
 
 # Held-out samples (seeds 0..n-1 are never trained on) the shipped model answers correctly.
 KNOWN_GOOD = [(0, "colour"), (1, "shape"), (2, "text"), (3, "colour"), (4, "shape"), (5, "text")]
-# v2: seeds 0 and 1 of every task it learned, as `mixkv eval --model toy-vlm-24` draws its held-out prompts
-# (counting is not learned: the model says "4" to 46 of 50 held-out images, see its model card)
-KNOWN_GOOD_24 = [(seed, task) for seed in (0, 1) for task in ("colour", "shape", "text", "ground")]
+# v2: seeds 0 and 1 of every task, as `mixkv eval --model toy-vlm-24` draws its held-out prompts
+KNOWN_GOOD_24 = [(seed, task) for seed in (0, 1) for task in gen.TASKS]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,8 +63,10 @@ def test_sample_fields_point_at_the_answer(task, grid):
             else:  # tagged: the shape's row and column tags stand right of it
                 assert tags == [(r, c + 1), (r, c + 2)]
                 assert shown[1:] == [f"row {gen.ROW_LABELS[r]}", f"column {gen.COL_LABELS[c]}"]
-        else:
+        elif grid == gen.GRID:  # count, untagged board: every shape
             assert len(shown) == int(s.answer) and all(" " in w for w in shown)
+        else:  # count, numbered board: the last list number, then every shape
+            assert shown[0] == s.answer and len(shown[1:]) == int(s.answer) and all(" " in w for w in shown[1:])
         assert all(r < grid - 1 for r, _ in s.answer_cells)
         # the answer cells differ from background; background cells are pixel-identical
         cells = {p: img.crop(((p % grid) * gen.CELL, (p // grid) * gen.CELL,
@@ -114,6 +115,30 @@ def test_tagged_boards_tag_every_shape_and_only_shapes():
         assert kinds["row"] != kinds["column"]  # the two tags look different (one vs two pointers)
     assert not gen.make_scene(0).tags and not gen.make_scene(0, grid=24, tags=False).tags
     assert gen.make_scene(0, grid=gen.GRID, tags=True).tags
+
+
+def test_numbered_boards_number_shapes_in_reading_order_with_code_glyphs():
+    """Counting on the v2 board is reading the last list number: 1..k left of the shapes, row-major order."""
+    for seed in range(30):
+        scene = gen.make_scene(seed, grid=24)
+        shapes = sorted(scene.shapes, key=lambda e: (e.row, e.col))
+        numbers = {(e.row, e.col): e.name for e in scene.numbers}
+        assert [numbers[(e.row, e.col - 1)] for e in shapes] == [str(i + 1) for i in range(len(shapes))]
+        assert len(numbers) == len(shapes)
+        img = gen.render(scene)
+        for e in scene.numbers:  # drawn exactly as the same digit of the code (the vision tower knows it)
+            ref = gen.Scene(0, scene.background, scene.texture, (gen.Element("glyph", 0, 0, e.name),), grid=24)
+            box = (e.col * gen.CELL, e.row * gen.CELL, (e.col + 1) * gen.CELL, (e.row + 1) * gen.CELL)
+            assert img.crop(box).tobytes() == gen.render(ref).crop((0, 0, gen.CELL, gen.CELL)).tobytes()
+        count = gen.questions_for(scene, "count", __import__("random").Random(0))
+        last = max(scene.numbers, key=lambda e: int(e.name))
+        assert count.answer == last.name == str(len(shapes))
+        assert count.answer_cells[0] == (last.row, last.col)  # the cell a reader of the list needs, first
+        assert set(count.answer_cells[1:]) == {(e.row, e.col) for e in scene.shapes}
+    assert not gen.make_scene(0).numbers and not gen.make_scene(0, grid=24, numbers=False).numbers
+    # without numbers a tagged board keeps its layout from before numbers existed (pinned: same random draws)
+    plain = gen.make_scene(5, grid=24, numbers=False)
+    assert [(e.row, e.col, e.name) for e in plain.shapes] == [(3, 18, "star"), (6, 13, "triangle"), (7, 0, "square")]
 
 
 def test_grounding_is_scored_exactly_and_within_one_cell():
@@ -199,7 +224,7 @@ def test_answers_held_out_questions_with_full_cache(toy_vlm):
 
 @pytest.mark.slow
 def test_v2_answers_held_out_questions_of_every_task_with_full_cache(toy_vlm_24):
-    """Held-out seeds (training used seeds >= 900000) of the four learned tasks on the 24x24 tagged board."""
+    """Held-out seeds (training used seeds >= 900000) of all five tasks on the 24x24 tagged, numbered board."""
     model, proc = toy_vlm_24
     assert proc.grid == 24 and proc.tasks == gen.TASKS
     samples = [gen.make_sample(seed, task, grid=24) for seed, task in KNOWN_GOOD_24]

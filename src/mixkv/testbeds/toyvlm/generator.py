@@ -33,7 +33,9 @@ The grid size is a property of each scene (``make_scene(seed, grid=24)``: 576 vi
 of the paper's document and GUI benchmarks); the shipped toy VLM uses ``GRID`` = 16. Boards other than
 16 are *tagged*: right of each shape stand two small grey pointers, a row tag and a column tag, whose
 visual tokens say the shape's row (``" E"``) and column (``" l"``), as GUI screenshots put a label next to
-an icon. A grounding answer therefore lives in three cells (the shape and its two tags).
+an icon. A grounding answer therefore lives in three cells (the shape and its two tags). Tagged boards
+also number their shapes 1..k in reading order, with a digit left of each shape (a numbered list in a
+GUI): the answer to a count is the last number, one cell (``answer_cells`` lists it first, then the shapes).
 
 Replies start with fixed words ("The ...") on purpose: the first generated token comes from the
 prefill, which always sees the full prompt, so the informative token must come after it for a
@@ -146,8 +148,9 @@ _TAG_INK = (90, 90, 90)
 
 @dataclass(frozen=True)
 class Element:
-    """One informative cell: a coloured shape (``kind="shape"``), one glyph of the code (``"glyph"``) or one
-    of the two coordinate tags right of a shape on tagged boards (``"tag"``, named ``"row E"`` / ``"column l"``)."""
+    """One informative cell: a coloured shape (``kind="shape"``), one glyph of the code (``"glyph"``), one
+    of the two coordinate tags right of a shape on tagged boards (``"tag"``, named ``"row E"`` / ``"column l"``)
+    or the list number left of a shape on numbered boards (``"number"``, named ``"3"``, drawn as a glyph)."""
 
     kind: str
     row: int
@@ -200,6 +203,10 @@ class Scene:
         return tuple(e for e in self.elements if e.kind == "tag")
 
     @property
+    def numbers(self) -> tuple[Element, ...]:
+        return tuple(e for e in self.elements if e.kind == "number")
+
+    @property
     def code(self) -> str:
         return "".join(e.name for e in self.glyphs)
 
@@ -240,7 +247,8 @@ class Sample:
 # scenes
 
 
-def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID, tags: bool | None = None) -> Scene:
+def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID, tags: bool | None = None,
+               numbers: bool | None = None) -> Scene:
     """A random scene on a ``grid`` x ``grid`` board: ``n_shapes`` (inclusive range) shapes of distinct
     kinds and colours plus one code. ``grid=GRID`` gives exactly the scenes the shipped model knows.
 
@@ -250,10 +258,16 @@ def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID, 
     visual token that sums content and position (``" red" + " star" + " E" + " l"``) did not train on
     these CPUs (docs/toyvlm-v2.md), while "find the token after the red star and copy it" is the
     induction pattern a pretrained LM already has.
+
+    ``numbers`` (default: as ``tags``) writes a list number left of each shape, 1..k in reading order (the
+    glyph digits of the code's font), as a GUI numbers the items of a list. Why: a count over 576 visual
+    tokens did not train on these CPUs (the model answered "4" to almost every image); with numbers,
+    counting is reading the number of the last shape, which only a cache that kept it can do.
     """
     if not isinstance(grid, int) or grid < CODE_LENGTH + 2:
         raise ValueError(f"grid must be an int >= {CODE_LENGTH + 2} cells per side, got {grid!r}")
     tagged = grid != GRID if tags is None else tags
+    numbered = tagged if numbers is None else numbers  # at most len(SHAPES) = 7 shapes: digits 1..7
     if tagged and grid > len(ROW_LABELS):
         raise ValueError(f"coordinate tags name cells by letters: grids up to {len(ROW_LABELS)}, got {grid}")
     lo, hi = n_shapes
@@ -277,17 +291,24 @@ def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID, 
     k = rng.randint(*n_shapes)
     kinds = rng.sample(SHAPES, k)
     colours = rng.sample(sorted(COLOURS), k)
-    width = 3 if tagged else 1  # a shape and its two tags, side by side
+    lead = 1 if numbered else 0  # the list number stands left of its shape
+    width = lead + (3 if tagged else 1)  # [number,] shape[, row tag, column tag], side by side
+    placed = []
     for kind, colour in zip(kinds, colours):
         while True:
             r, c = rng.randrange(element_rows), rng.randrange(grid - width + 1)
             if all(free(r, c + i) for i in range(width)):
                 break
         occupied.update((r, c + i) for i in range(width))
+        c += lead
+        placed.append((r, c))
         elements.append(Element("shape", r, c, kind, colour))
         if tagged:
             elements.append(Element("tag", r, c + 1, f"row {ROW_LABELS[r]}"))
             elements.append(Element("tag", r, c + 2, f"column {COL_LABELS[c]}"))
+    if numbered:  # numbered 1..k in reading order, so the last number is the count
+        for i, (r, c) in enumerate(sorted(placed)):
+            elements.append(Element("number", r, c - 1, str(i + 1)))
     elements.sort(key=lambda e: e.patch_in(grid))
     return Scene(seed=seed, background=background, texture=texture, elements=tuple(elements), grid=grid)
 
@@ -395,7 +416,9 @@ def questions_for(scene: Scene, task: str, rng: random.Random) -> Sample:
                       cells, scene)
     if task == "count":
         n = len(scene.shapes)
-        cells = tuple((e.row, e.col) for e in scene.shapes)
+        # numbered boards: the last number first (what a reader of the list needs), then every shape
+        last = tuple((e.row, e.col) for e in scene.numbers if e.name == str(n))
+        cells = last + tuple((e.row, e.col) for e in scene.shapes)
         return Sample(scene.seed, task, "How many shapes are there?", str(n), f"There are {n} shapes.", cells,
                       scene)
     if task == "ground":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -130,7 +131,7 @@ def test_numbered_boards_number_shapes_in_reading_order_with_code_glyphs():
             ref = gen.Scene(0, scene.background, scene.texture, (gen.Element("glyph", 0, 0, e.name),), grid=24)
             box = (e.col * gen.CELL, e.row * gen.CELL, (e.col + 1) * gen.CELL, (e.row + 1) * gen.CELL)
             assert img.crop(box).tobytes() == gen.render(ref).crop((0, 0, gen.CELL, gen.CELL)).tobytes()
-        count = gen.questions_for(scene, "count", __import__("random").Random(0))
+        count = gen.questions_for(scene, "count", random.Random(0))
         last = max(scene.numbers, key=lambda e: int(e.name))
         assert count.answer == last.name == str(len(shapes))
         assert count.answer_cells[0] == (last.row, last.col)  # the cell a reader of the list needs, first

@@ -14,9 +14,9 @@ ifneq ($(shell $(PYTHON) -c "import importlib.util as u; print(all(u.find_spec(m
 $(shell rm -f $(STAMP))
 endif
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev]" -c constraints.txt
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -149,6 +149,21 @@ def test_full_is_a_no_op(llama):
 def test_transformers_version_check():
     with pytest.raises(ImportError, match=r"needs transformers 5.x"):
         check_versions("4.57.1")
-    with pytest.warns(UserWarning, match="tested with transformers up to 5.24"):
+    with pytest.warns(UserWarning, match="tested with transformers up to 5.25"):
         check_versions("5.30.0")
-    assert check_versions("5.24.0") == (5, 24)
+    assert check_versions("5.25.0") == (5, 25)
+
+
+def test_ci_installs_within_the_tested_range():
+    """constraints.txt (what `make setup` and CI install) and TESTED_MAX say the same release, and the
+    transformers these tests run on is inside it: the tested range is what CI ran."""
+    import re
+
+    import transformers
+
+    from mixkv.core.versions import TESTED_MAX, _parse
+
+    text = (Path(__file__).parents[1] / "constraints.txt").read_text()
+    bound = re.search(r"^transformers>=[\d.]+,<(\d+)\.(\d+)$", text, re.M)
+    assert bound and (int(bound[1]), int(bound[2]) - 1) == TESTED_MAX
+    assert _parse(transformers.__version__) <= TESTED_MAX

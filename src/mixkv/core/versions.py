@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 
 TESTED_MIN = (5, 0)
-TESTED_MAX = (5, 24)
+TESTED_MAX = (5, 25)  # the one place; constraints.txt (what CI installs) follows it
 
 
 def _parse(version: str) -> tuple[int, int]:
@@ -36,7 +36,8 @@ def check_versions(version: str | None = None) -> tuple[int, int]:
     if v > TESTED_MAX:
         warnings.warn(
             f"mixkv was tested with transformers up to {TESTED_MAX[0]}.{TESTED_MAX[1]}; found {version}. "
-            "If generation fails inside the cache or attention code, pin transformers<=5.24.",
+            "If generation fails inside the cache or attention code, pin "
+            f"transformers<={TESTED_MAX[0]}.{TESTED_MAX[1]}.",
             stacklevel=2,
         )
     return v

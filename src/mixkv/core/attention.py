@@ -222,6 +222,25 @@ def flash_varlen_attention(query: torch.Tensor, layer: CompressedLayer, scaling:
     return out.view(b, hq, 1, d).transpose(1, 2).to(query.dtype).contiguous()
 
 
+def held_attention_weights(query: torch.Tensor, layer: CompressedLayer, scaling: float) -> torch.Tensor:
+    """``output_attentions`` over a compressed layer: ``(B, Hq, q, L)`` softmax weights over the tokens
+    each head holds, right-aligned as :meth:`CompressedLayer.held_view` lays them out (the new tokens
+    last; slots a head does not hold, and padding, get 0). Built only when asked for: it copies the layer.
+    """
+    keys, _, valid = layer.held_view()
+    b, hq, q, _ = query.shape
+    g = hq // layer.num_heads
+    n = keys.shape[2]
+    logits = torch.matmul(query.float(), keys.float().repeat_interleave(g, dim=1).transpose(-1, -2)) * scaling
+    seen = torch.arange(n, device=query.device)[None, :] <= (n - q + torch.arange(q, device=query.device))[:, None]
+    seen = seen[None, None]
+    if valid is not None:
+        valid = valid[:, None] if valid.dim() == 2 else valid.repeat_interleave(g, dim=1)  # (B, 1 or Hq, L)
+        seen = seen & valid[:, :, None, :]
+    probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1)
+    return torch.nan_to_num(probs, nan=0.0).to(query.dtype)  # a padding query sees nothing
+
+
 def make_attention_function(original: Callable, session) -> Callable:
     """The function registered under ``mixkv_<name>``; ``session`` is the active press."""
     announced: set[str] = set()
@@ -243,13 +262,16 @@ def make_attention_function(original: Callable, session) -> Callable:
                 # transformers built no longer lines up, and a single query needs none.
                 announce(f"dense:{getattr(original, '__name__', 'original')}")
                 return original(module, query, key, value, None, scaling=scaling, dropout=dropout, **kwargs)
+            # Eager attention returns its weights; under a press they are over the tokens each head holds.
+            weights = held_attention_weights(query, layer, scaling) if session.want_attentions and session.eager \
+                else None
             out = flash_varlen_attention(query, layer, scaling) if layer.is_flat else None
             if out is not None:  # pragma: no cover - CUDA only
                 announce("flash_attn_varlen")
-                return out, None
+                return out, weights
             kind = "dense" if not layer.is_flat else ("inline" if layer.inline else "regions")
             announce(f"torch_varlen:{kind}")
-            return varlen_attention(query, layer, scaling), None
+            return varlen_attention(query, layer, scaling), weights
         return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     return mixkv_attention

@@ -20,6 +20,7 @@ from fractions import Fraction
 import torch
 
 from . import defaults
+from .scores import rank_grid
 
 
 def _expand(per_seq: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -123,6 +124,8 @@ def adakv_counts(
         top_mass = (finite * in_top[:, None, :]).sum(dim=-1, keepdim=True)
         sorted_s = sorted_s * (top_mass / total.clamp_min(1e-12))
     flat = sorted_s.reshape(b, h * c)
+    # Heads are compared with each other on one grid per sequence: float noise cannot reorder them.
+    flat = rank_grid(flat)
     kmax = int((k * h).max().item()) if b > 0 else 0
     order = flat.sort(dim=-1, descending=True, stable=True)
     top_val, top_idx = order.values[:, :kmax], order.indices[:, :kmax]

@@ -18,6 +18,11 @@ KERNEL = 5
 EPS = 1e-6
 """Epsilon of every min-max and rescale: a constant score row gives 0, never NaN."""
 
+RANK_BITS = 12
+"""Scores are ranked after rounding to ``RANK_BITS`` significant bits (relative 2.4e-4): float noise
+(~1e-7 to 1e-6 relative: another batch shape, kernel or thread count) must not reorder tokens the
+method scores the same. Grid ties go to the earlier position (AdaKV's split: the lower head)."""
+
 PYRAMID_BETA = 20.0
 """PyramidKV: the top layer keeps ``(B - W) / beta`` candidates."""
 

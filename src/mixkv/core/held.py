@@ -20,25 +20,34 @@ from .cache import CompressedLayer
 
 
 class QueryRing:
-    """The last ``window`` queries ``(B, Hq, ., D)`` one layer saw, oldest first when read."""
+    """The last ``window`` queries ``(B, Hq, ., D)`` one layer saw, oldest first when read.
+
+    Rows count their own queries: a padded push (a later turn's left-padded segment) adds only each
+    row's real queries, so a row's ring holds what it would hold alone.
+    """
 
     def __init__(self, window: int):
         self.window = window
         self.buffer: torch.Tensor | None = None
         self.pointer = 0
-        self.count = 0
+        self.counts: list[int] = []
         self.scaling = 1.0
 
-    def push(self, query: torch.Tensor, scaling: float) -> None:
+    def push(self, query: torch.Tensor, scaling: float, real: list[int] | None = None) -> None:
+        """Add ``query`` ``(B, Hq, q, D)``; ``real``: real (right-aligned) queries per row, None if all are."""
         b, hq, q, d = query.shape
         w = self.window
         self.scaling = float(scaling)
         if self.buffer is None or self.buffer.shape[:2] != (b, hq) or self.buffer.shape[-1] != d:
             self.buffer = query.new_zeros(b, hq, w, d)
-            self.pointer = self.count = 0
+            self.pointer, self.counts = 0, [0] * b
+        if real is not None and any(n != q for n in real):
+            self._push_padded(query, real)
+            return
+        self.counts = [min(w, c + q) for c in self.counts]
         if q >= w:
             self.buffer.copy_(query[:, :, -w:])
-            self.pointer, self.count = 0, w
+            self.pointer = 0
             return
         end = self.pointer + q
         if end <= w:  # the usual decoding step: one slice copy, no index tensor
@@ -47,11 +56,27 @@ class QueryRing:
             slots = (self.pointer + torch.arange(q, device=query.device)) % w
             self.buffer[:, :, slots] = query
         self.pointer = end % w
-        self.count = min(w, self.count + q)
+
+    def _push_padded(self, query: torch.Tensor, real: list[int]) -> None:
+        """Row ``r`` keeps the last ``W`` of (its ring, its last ``real[r]`` queries): one gather."""
+        b, hq, q, d = query.shape
+        w = self.window
+        joined = torch.cat([torch.roll(self.buffer, shifts=-self.pointer, dims=2), query], dim=2)  # (B, Hq, W+q, D)
+        take = torch.tensor([min(n, w) for n in real], device=query.device)[:, None]
+        j = torch.arange(w, device=query.device)[None, :]
+        # Slot j: ring slot j + n while the ring still has a share, else the new queries' slot q + j.
+        src = torch.where(j < w - take, j + take, q + j)  # (B, W)
+        self.buffer = joined.gather(2, src[:, None, :, None].expand(b, hq, w, d))
+        self.pointer = 0
+        self.counts = [min(w, c + n) for c, n in zip(self.counts, real)]
+
+    def ready(self, row: int) -> bool:
+        """Row ``row`` has seen ``W`` queries (its part of :meth:`ordered` is real)."""
+        return bool(self.counts) and self.counts[row] >= self.window
 
     def ordered(self) -> torch.Tensor | None:
-        """``(B, Hq, W, D)`` oldest first, or None before ``W`` queries were seen."""
-        if self.buffer is None or self.count < self.window:
+        """``(B, Hq, W, D)`` oldest first, or None before any row saw ``W`` queries (see :meth:`ready`)."""
+        if self.buffer is None or not self.counts or max(self.counts) < self.window:
             return None
         return torch.roll(self.buffer, shifts=-self.pointer, dims=2)
 
@@ -75,6 +100,27 @@ def held_tokens(layer, mask2d: torch.Tensor | None) -> tuple[torch.Tensor, torch
         valid = mask2d[:, total - stored :].to(device=keys.device).bool()
         valid = None if bool(valid.all()) else valid
     return keys, values, valid, total
+
+
+def right_align(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None,
+                positions: torch.Tensor | None = None):
+    """Move each (sequence, head)'s padding slots to the left, keeping its real tokens in order.
+
+    A later turn's padded segment leaves padding between real tokens; a record's window is its last
+    ``W`` slots, and must be each sequence's last ``W`` real tokens, as alone. Returns ``keys``,
+    ``values`` ``(B, H, L, D)``, ``valid`` ``(B, H, L)`` and ``positions`` permuted alike (unchanged
+    when ``valid`` is None).
+    """
+    if valid is None:
+        return keys, values, valid, positions
+    b, h, n, d = keys.shape
+    valid = valid[:, None].expand(b, h, n) if valid.dim() == 2 else valid
+    order = torch.sort(valid.to(torch.uint8), dim=-1, stable=True).indices  # padding first, then real in order
+    gather = order[..., None].expand(b, h, n, d)
+    keys, values = keys.gather(2, gather), values.gather(2, gather)
+    if positions is not None:
+        positions = positions.gather(-1, order.to(positions.device))
+    return keys, values, valid.gather(-1, order), positions
 
 
 def held_positions(layer, kept: torch.Tensor | None, kept_lengths: torch.Tensor | None) -> torch.Tensor | None:

@@ -40,11 +40,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from . import defaults
 from .attention import make_attention_function
 from .cache import CompressedLayer
-from .held import QueryRing, held_positions, held_tokens
+from .held import QueryRing, held_positions, held_tokens, right_align
 from .layer import LayerPrefill
 from .methods.base import Method
 from .models import ModelInfo, image_token_mask, inspect_model
 from .registry import resolve_method
+from .rows import RowClock, keep_all_plan, merge_rows, real_counts, select_rows
 from .selection import KeepPlan, plan_keep
 
 _session_ids = count()
@@ -105,12 +106,21 @@ class PressSession:
         self._action: dict[int, str] = {}
         self._queries: dict[int, tuple[torch.Tensor, float]] = {}
         self._rings: dict[int, QueryRing] = {}
-        self._retry_at: dict[int, tuple[weakref.ref, int]] = {}
+        # Per cache layer (weakly: never keep a layer alive), per row: tokens since it was last re-scored
+        # and tokens held; kept only with a decode budget (see mixkv.core.rows).
+        self._clocks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # Plain (uncompressed) cache layers this press filled: the only ones it may continue.
         self._owned: weakref.WeakSet = weakref.WeakSet()
         self._input_ids: torch.Tensor | None = None
         self._attention_mask: torch.Tensor | None = None
         self._new_valid: torch.Tensor | None = None
+        self._new_real: list[int] | None = None  # real new tokens per row when some are padding
+        self._new_count = 0
+        self._segment_rows: list[int] | None = None  # rows whose own new segment is longer than W (None: all)
+        self.want_attentions = False
+        self.eager = False
+        # The cache a forward started on and its layers' lengths then, until that forward returns.
+        self._inflight: tuple[weakref.ref, list[int]] | None = None
 
     # ---- attach / detach -------------------------------------------------------------------
     def _claim_model(self) -> None:
@@ -164,7 +174,9 @@ class PressSession:
         AttentionInterface.register(name, make_attention_function(original, self))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original_name])
         self._attn_name = name
+        self.eager = original_name == "eager"
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._model_post_hook))
         for attn in self.info.attention_modules:
             self._handles.append(attn.register_forward_pre_hook(self._attn_pre_hook, with_kwargs=True))
             self._handles.append(attn.register_forward_hook(self._attn_post_hook, with_kwargs=True))
@@ -192,27 +204,61 @@ class PressSession:
         self._action.clear()
         self._queries.clear()
         self._rings.clear()
-        self._retry_at.clear()
+        self._clocks = weakref.WeakKeyDictionary()
+        self._inflight = None
         self._release_model()
 
     # ---- hooks -------------------------------------------------------------------------------
     def _model_pre_hook(self, module, args, kwargs):
+        self._check_cache(kwargs.get("cache", kwargs.get("past_key_values")))
+        self._action.clear()  # nothing of a forward that raised carries over
+        self._queries.clear()
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         self._input_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
         mask = kwargs.get("attention_mask")
         self._attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        want = kwargs.get("output_attentions")
+        self.want_attentions = bool(getattr(self.model.config, "output_attentions", False) if want is None else want)
         # Validity of this forward's new tokens (padding of a later, padded turn): None when all real.
-        self._new_valid = None
+        self._new_valid = self._new_real = self._segment_rows = None
         embeds = kwargs.get("inputs_embeds")
         new = self._input_ids if self._input_ids is not None else embeds
-        if self._attention_mask is not None and isinstance(new, torch.Tensor) and new.dim() >= 2:
-            q = new.shape[1]
+        self._new_count = new.shape[1] if isinstance(new, torch.Tensor) and new.dim() >= 2 else 0
+        if self._attention_mask is not None and self._new_count:
+            q = self._new_count
             # A single new token is taken as real (generate never pads one): checking it would cost a
             # device sync per decoded token.
             if q > 1 and self._attention_mask.shape[-1] >= q and not bool(self._attention_mask.all()):
                 tail = self._attention_mask[:, -q:].bool()
-                self._new_valid = None if bool(tail.all()) else tail
+                if not bool(tail.all()):
+                    self._new_valid = tail
+                    self._new_real = real_counts(tail, tail.shape[0], q)
+                    # A later turn's segment is compressed in the rows whose own segment is longer than the
+                    # window, as each would be alone; the other rows only append it.
+                    rows = [r for r, n in enumerate(self._new_real) if n > self.window]
+                    self._segment_rows = None if len(rows) == len(self._new_real) else rows
         return None
+
+    def _model_post_hook(self, module, args, output):
+        self._inflight = None  # the forward returned: its cache is whole
+        return None
+
+    def _check_cache(self, cache) -> None:
+        """Refuse a cache that a forward left half-updated (an exception or Ctrl-C inside a prefill)."""
+        layers = getattr(cache, "layers", None)
+        if not layers:
+            self._inflight = None
+            return
+        lengths = [int(layer.get_seq_length()) for layer in layers]
+        inflight = self._inflight
+        torn = inflight is not None and inflight[0]() is cache and inflight[1] != lengths
+        if torn or len(set(lengths)) > 1:
+            raise RuntimeError(
+                f"this KV cache was left half-updated: its layers hold {lengths} tokens, after a forward over it "
+                "raised part-way (an exception, or Ctrl-C during a prefill). mixkv never continues such a cache: "
+                "start generation with a new cache (rerun the conversation from its first prompt)"
+            )
+        self._inflight = (weakref.ref(cache), lengths)
 
     def _attn_pre_hook(self, module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -220,7 +266,7 @@ class PressSession:
         idx = module.layer_idx
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if cache is None or hidden is None or not hasattr(cache, "layers"):
-            self._fresh[idx] = False
+            self._action.pop(idx, None)  # no cache (use_cache=False, a loss): nothing to compress or extend
             return None
         layer = cache.layers[idx] if idx < len(cache.layers) else None
         if layer is not None and not isinstance(layer, (DynamicLayer, CompressedLayer)):
@@ -249,7 +295,10 @@ class PressSession:
                 "another one); a press only continues caches it made: run the whole conversation, from its "
                 "first prompt, inside one `with press(...)` block, or start generation with a new cache"
             )
-        self._action[idx] = "segment" if q > self.window else "append"
+        if self.decode_method is not None and layer not in self._clocks:
+            self._clocks[layer] = self._clock_of(layer)
+        segment = q > self.window and (self._segment_rows is None or len(self._segment_rows) > 0)
+        self._action[idx] = "segment" if segment else "append"
         if isinstance(layer, CompressedLayer):
             layer.pending_valid = self._new_valid
         return None
@@ -259,7 +308,19 @@ class PressSession:
         self.plans = {}
         self.image_mask = None
         self._rings.clear()
-        self._retry_at.clear()
+
+    def _clock_of(self, layer) -> RowClock:
+        """Per-row counts of a layer the press has no clock for yet (its tokens before this forward):
+        a plain layer nothing was cut from, or a compressed one built elsewhere (:func:`build_cache`)."""
+        if isinstance(layer, CompressedLayer):
+            held = (layer.kept_lengths.sum(-1).float() / layer.num_heads).tolist()
+            return RowClock([layer.decoded] * layer.batch_size, [x + layer.decoded for x in held])
+        b, stored = layer.keys.shape[0], layer.keys.shape[2]
+        total = int(getattr(layer, "cumulative_length", 0) or stored)
+        mask, valid = self._attention_mask, None
+        if mask is not None and mask.shape[-1] == total + self._new_count:
+            valid = mask[:, total - stored : total]
+        return RowClock.fresh(real_counts(valid, b, stored))
 
     def layer_for(self, module):
         """The cache layer ``module`` is attending over right now (None without a cache)."""
@@ -280,7 +341,7 @@ class PressSession:
             ring = self._rings.get(idx)
             if ring is None:
                 ring = self._rings[idx] = QueryRing(self.window)
-            ring.push(query.detach(), scaling)
+            ring.push(query.detach(), scaling, self._new_real)
 
     def _attn_post_hook(self, module, args, kwargs, output):
         idx = module.layer_idx
@@ -295,8 +356,14 @@ class PressSession:
                     f"mixkv: layer {idx} ran a prompt without the press's attention function "
                     f"({self.info.text_config._attn_implementation!r}); cannot compress it"
                 )
-            self._compress(idx, cache, *captured, self.method, action)
+            if action == "segment" and self.decode_method is not None:
+                self._clocks[cache.layers[idx]].add(self._new_real or self._new_count)
+            rows = self._segment_rows if action == "segment" else None
+            self._compress(idx, cache, *captured, self.method, action, rows=rows)
+            if rows is not None and self.decode_method is not None:  # the other rows only appended
+                self._maybe_compress_decoded(idx, cache, skip=set(rows))
         elif action == "append" and self.decode_method is not None:
+            self._clocks[cache.layers[idx]].add(self._new_real or self._new_count)
             self._maybe_compress_decoded(idx, cache)
         layer = cache.layers[idx]
         if isinstance(layer, DynamicLayer) and self.on_capture is None:
@@ -311,14 +378,21 @@ class PressSession:
         return None if image is None else image[:, total - stored:].to(device)
 
     def _compress(self, idx: int, cache, queries: torch.Tensor, scaling: float, method: Method | None,
-                  kind: str) -> None:
+                  kind: str, rows: list[int] | None = None) -> None:
         """Compress what layer ``idx`` holds now, scored by the last ``W`` ``queries``: a first prompt
         (``kind="prefill"``; in capture mode handed to ``on_capture`` instead), or the kept tokens with a
-        later turn's segment (``"segment"``) or with decoded tokens (``"decode"``)."""
+        later turn's segment (``"segment"``) or with decoded tokens (``"decode"``). ``rows``: only these
+        sequences (the others keep all they hold); None: every sequence."""
         layer = cache.layers[idx]
         keys, values, valid, logical = held_tokens(layer, self._attention_mask)
         if queries.shape[2] < self.window or keys.shape[2] <= self.window:
             return
+        positions = None
+        if self.record and self.on_capture is None:
+            prev = self.plans.get(idx)
+            positions = held_positions(layer, *((prev.indices, prev.lengths) if prev is not None else (None, None)))
+        if kind != "prefill":  # padding of a later turn sits between real tokens: move it out of the window
+            keys, values, valid, positions = right_align(keys, values, valid, positions)
         image = real = None
         mask = self._attention_mask
         if kind == "prefill":
@@ -336,51 +410,56 @@ class PressSession:
         if self.on_capture is not None:
             self.on_capture(record)
             return
-        positions = None
-        if self.record:
-            prev = self.plans.get(idx)
-            positions = held_positions(layer, *((prev.indices, prev.lengths) if prev is not None else (None, None)))
-        if self._apply(idx, cache, method, record, logical, positions):
+        clock = None
+        if self.decode_method is not None:
+            clock = self._clocks.get(layer) if kind != "prefill" else RowClock.fresh(_row_tokens(record))
+        tried = list(range(keys.shape[0])) if rows is None else rows
+        tried = tried if kind == "decode" else None
+        rows = None if rows is None or len(rows) == keys.shape[0] else rows
+        if self._apply(idx, cache, method, record, logical, positions, rows, clock, tried):
             if kind == "segment":
                 self.stats.segments_compressed += 1
             elif kind == "decode":
                 self.stats.decode_compressions += 1
+        elif tried and clock is not None:
+            clock.since = [0 if r in tried else n for r, n in enumerate(clock.since)]  # fits: retry after `every`
 
-    def _maybe_compress_decoded(self, idx: int, cache) -> None:
-        """Decoding: re-compress layer ``idx`` with the decode budget once it holds more than
-        ``decode_budget`` tokens per head and ``every`` tokens came since it was last built.
+    def _maybe_compress_decoded(self, idx: int, cache, skip: set[int] = frozenset()) -> None:
+        """Decoding: re-compress the rows of layer ``idx`` that hold more than ``decode_budget`` tokens per
+        head and got ``every`` tokens since they were last re-scored, with the decode budget.
 
-        After every forward, each layer either got fewer than ``every`` tokens since it was built or
-        holds at most ``decode_budget`` per head (mean over heads, longest sequence); it never holds
-        more than ``max(its allocation, decode_budget) + every``, and it is copied at most once per
-        ``every`` tokens.
+        Each row is decided on its own counts (:class:`~mixkv.core.rows.RowClock`), so a sequence is
+        re-compressed at the same steps alone and in a batch. After every forward, each row either got
+        fewer than ``every`` tokens since it was last re-scored or holds at most ``decode_budget`` per
+        head: it never holds more than ``max(its allocation, decode_budget) + every``, and the layer is
+        copied at most once per ``every`` tokens of each row.
         """
         layer = cache.layers[idx]
-        if isinstance(layer, CompressedLayer):
-            since, held = layer.decoded, layer.held_mean_max()
-        else:
-            since = held = layer.keys.shape[2]
-        if since < self.every or held <= self.decode_budget:
-            return
-        retry = self._retry_at.get(idx)
-        if retry is not None and retry[0]() is layer and since < retry[1]:
-            return  # the last try found that every sequence fits (padding counted above): wait `every`
+        clock = self._clocks.get(layer)
         ring = self._rings.get(idx)
-        queries = None if ring is None else ring.ordered()
-        if queries is None:
+        if clock is None or ring is None:
             return
-        self._compress(idx, cache, queries, ring.scaling, self.decode_method, "decode")
-        if cache.layers[idx] is layer:
-            self._retry_at[idx] = (weakref.ref(layer), since + self.every)  # weak: never keep a layer alive
+        rows = [r for r in clock.due(self.every, self.decode_budget) if r not in skip and ring.ready(r)]
+        if not rows:
+            return
+        self._compress(idx, cache, ring.ordered(), ring.scaling, self.decode_method, "decode", rows=rows)
 
     def _apply(self, idx: int, cache, method: Method, record: LayerPrefill, logical: int,
-               positions: torch.Tensor | None) -> bool:
-        """Compress ``record`` with ``method`` into layer ``idx`` of ``cache``; False when all of it fits."""
+               positions: torch.Tensor | None, rows: list[int] | None = None, clock: RowClock | None = None,
+               tried: list[int] | None = None) -> bool:
+        """Compress ``record`` (only ``rows`` of it, if given) with ``method`` into layer ``idx`` of
+        ``cache``; False when all of it fits. ``clock``: the old layer's row counts, carried to the new one."""
         keys = record.keys
         if self.timing and keys.is_cuda:
             torch.cuda.synchronize(keys.device)
         start = time.perf_counter()
-        new, plan = compress_layer(method, record, owner=self, prompt_length=logical)
+        if rows is None:
+            new, plan = compress_layer(method, record, owner=self, prompt_length=logical)
+        else:
+            part = layer_plan(method, select_rows(record, rows))
+            plan = None if part is None else merge_rows(keep_all_plan(record), rows, part)
+            new = None if plan is None else CompressedLayer(keys, record.values, plan, prompt_length=logical,
+                                                            owner=self)
         if new is None:
             return False  # every sequence fits its budget: keep the cache exactly as it is
         cache.layers[idx] = new
@@ -388,6 +467,11 @@ class PressSession:
             torch.cuda.synchronize(keys.device)
         self.stats.compress_seconds += time.perf_counter() - start
         self.note_plan(idx, plan, positions)
+        if clock is not None:
+            h = plan.lengths.shape[1]
+            kept = plan.lengths.sum(-1).tolist()
+            cut = [r for r, (k, n) in enumerate(zip(kept, _row_tokens(record, per_head=False))) if k < n]
+            self._clocks[new] = clock.rebuilt([k / h for k in kept], cut, tried)
         return True
 
     def query_ring_bytes(self) -> int:
@@ -421,6 +505,13 @@ class PressSession:
                 indices = positions.cpu().gather(-1, indices)
                 indices = torch.where(plan.valid().cpu(), indices, torch.zeros_like(indices))
             self.plans[idx] = KeepPlan(indices, lengths)
+
+
+def _row_tokens(record: LayerPrefill, per_head: bool = True) -> list:
+    """Real tokens of each row of ``record``: per head on average (``per_head``), or over all heads."""
+    b, h, n, _ = record.keys.shape
+    total = record.token_mask.expand(b, h, n).sum((1, 2))
+    return (total.float() / h).tolist() if per_head else total.tolist()
 
 
 def compress_layer(method: Method, layer: LayerPrefill, owner: PressSession | None = None,

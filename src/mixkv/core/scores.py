@@ -68,20 +68,36 @@ def window_attention(
     return probs.sum(dim=3).mean(dim=2) / q_valid.sum(dim=3).mean(dim=2).clamp_min(1.0)
 
 
-def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+def pool_scores(scores: torch.Tensor, kernel: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """SnapKV's 1-D average pooling (stride 1, same length) over the last axis.
 
     Padding is counted as zero (``count_include_pad``), as in SnapKV: a lone high score is
     spread over its neighbours so that whole phrases survive, not isolated tokens.
+
+    ``valid`` (broadcastable to ``scores``): pool over the real entries only, as if the invalid ones
+    were not there. Padding inside a sequence (a later turn's left-padded segment, a head's held
+    tokens around a padded segment) must not separate neighbours that are adjacent alone; the real
+    entries are packed to the front, pooled, and scattered back (invalid entries come out 0).
     """
     if kernel <= 1 or scores.shape[-1] == 0:
-        return scores
+        return scores if valid is None else scores * valid
     if kernel % 2 == 0:
         raise ValueError(f"pooling kernel must be odd to keep positions aligned, got {kernel}")
+    if valid is None:
+        return _avg_pool(scores, kernel)
+    valid = valid.expand_as(scores)
+    c = scores.shape[-1]
+    rank = valid.long().cumsum(-1) - 1  # each real entry's place among the real ones
+    dest = torch.where(valid, rank, torch.full_like(rank, c))  # invalid -> a dump slot past the end
+    packed = scores.new_zeros(*scores.shape[:-1], c + 1).scatter_(-1, dest, scores * valid)
+    pooled = _avg_pool(packed[..., :c], kernel)
+    return pooled.gather(-1, rank.clamp_min(0)) * valid
+
+
+def _avg_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     shape = scores.shape
     flat = scores.reshape(-1, 1, shape[-1])
-    pooled = F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2)
-    return pooled.reshape(shape)
+    return F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2).reshape(shape)
 
 
 def extrinsic_importance(
@@ -98,10 +114,24 @@ def extrinsic_importance(
     """
     attn = window_attention(queries, keys, scaling, valid)
     n = keys.shape[-2]
-    s = pool_scores(attn[..., : n - window], kernel)
-    if valid is not None:
-        s = s * head_mask(valid)[..., : n - window]
-    return s
+    cand = None if valid is None else head_mask(valid)[..., : n - window]
+    return pool_scores(attn[..., : n - window], kernel, cand)
+
+
+def rank_grid(x: torch.Tensor, bits: int = defaults.RANK_BITS) -> torch.Tensor:
+    """``x`` rounded to ``bits`` significant bits (each value on its own relative grid).
+
+    Ranking on this grid makes selection robust to float noise: two scores the method computes as
+    equal (a pooled peak shared by neighbours; a sequence alone vs in a padded batch, whose hidden
+    states differ by ~1e-6 relative) become exact ties, which every sort here breaks by position.
+    Relative, not absolute: small scores keep their order among themselves. Zero and non-finite
+    values pass through unchanged.
+    """
+    if x.numel() == 0:
+        return x
+    mantissa, exponent = torch.frexp(x)
+    rounded = torch.ldexp(torch.round(mantissa * 2.0**bits) * 2.0**-bits, exponent)
+    return torch.where(torch.isfinite(x), rounded, x)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim: int = -1, keepdim: bool = True) -> torch.Tensor:

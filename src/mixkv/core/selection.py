@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .layer import LayerPrefill
+from .scores import rank_grid
 
 
 @dataclass
@@ -49,8 +50,9 @@ def select_topk(
     if kmax == 0:
         empty = torch.zeros(b, h, 0, dtype=torch.long, device=score.device)
         return empty, empty.bool()
-    s = score.float().masked_fill(~cand_valid.expand(b, h, c), float("-inf"))
-    # NaN would make the order undefined; treat it as the lowest score.
+    valid = cand_valid.expand(b, h, c)
+    # Float noise must not reorder equal scores (see rank_grid); NaN would make the order undefined: lowest.
+    s = rank_grid(score.float()).masked_fill(~valid, float("-inf"))
     s = torch.nan_to_num(s, nan=float("-inf"))
     # A stable descending sort breaks exact ties by position; top-k's tie order is unspecified.
     idx = s.sort(dim=-1, descending=True, stable=True).indices[..., :kmax]

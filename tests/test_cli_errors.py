@@ -4,6 +4,8 @@ instead of tracebacks, Ctrl-C with the partial result saved."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import mixkv  # noqa: E402
 from mixkv import MixKV, Profile, RandomKV, SnapKV, save_profile  # noqa: E402
 from mixkv.cli import eval_cmd  # noqa: E402
 from mixkv.cli.main import main  # noqa: E402
+from mixkv.core.io import write_json_atomic  # noqa: E402
 from mixkv.core.profiles import profile_from_json  # noqa: E402
 from mixkv.lab import calibration as cal  # noqa: E402
 from mixkv.lab.analyze import analyze  # noqa: E402
@@ -259,3 +262,30 @@ def test_method_from_third_party_file_works_under_press():
     plan = session.plans[0]
     kept = plan.indices[0, 0, : int(plan.lengths[0, 0]) - 4]
     assert bool(image[kept].all()) and len(kept) == 20
+
+
+# ---- output files -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_json_output_follows_the_umask(umask_022, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = ["capacity", "--model", "Llama-3-8B", "--pool-gib", "1", "--prompt-tokens", "1000", "--json", str(out)]
+    assert main(argv) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_rewritten_json_keeps_the_files_mode(umask_022, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    out.chmod(0o640)
+    write_json_atomic({"a": 1}, out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640 and json.loads(out.read_text()) == {"a": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name != "r.json"]  # no temporary file left

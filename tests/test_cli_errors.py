@@ -75,6 +75,11 @@ def test_output_path_that_is_a_directory(no_load, capsys, tmp_path):
     (["calibrate", "--data", "missing.jsonl", "--out", "x.json"], "does not exist"),
     (["eval", "--tasks", "passkey,bogus"], "bogus"),
     (["analyze", "--out", "figs", "--budget", "16"], "exceed the window"),
+    (["bench", "--micro", "--micro-layouts", "1x4x64"], "--micro-layouts: layout '1x4x64' has 1 KV head"),
+    (["bench", "--micro", "--micro-layouts", "3x3"], "--micro-layouts: layout '3x3' is not KVHEADSxGROUPxHEADDIM"),
+    (["bench", "--micro", "--micro-lengths", "1"], "--micro-lengths: mean tokens per head must be at least 2"),
+    (["bench", "--micro", "--micro-batches", "0,1"], "--micro-batches: batch sizes must be positive"),
+    (["bench", "--micro", "--micro-max-tokens", "10"], "no --micro setting fits --micro-max-tokens 10"),
 ])
 def test_bad_arguments_fail_before_loading(no_load, capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

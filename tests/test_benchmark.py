@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from zoo import make_inputs, make_model  # noqa: E402
@@ -48,6 +50,24 @@ def test_micro_decode_step_rows():
         assert r["min_len"] < r["max_len"]  # heads really differ in length
         # Exact bytes: kept tokens x head dim x K and V x 4 bytes, plus the decoded token.
         assert r["kv_bytes"] == (r["batch"] * r["num_kv_heads"] * (r["tokens_per_head"] + 1)) * 16 * 2 * 4
+
+
+def test_micro_heads_that_draw_equal_lengths_are_measured():
+    """Two heads with 2 tokens each on average often draw 2 and 2: a uniform layer, nothing packed."""
+    (row,) = micro_decode_step([2], layouts=["2x1x8"], batches=[1], iters=1, progress=False)
+    assert row["min_len"] == row["max_len"] == 2 and row["regions"] == [] and row["varlen_ms"] > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layouts": ["1x4x64"]}, r"layout '1x4x64' has 1 KV head.*at least 2"),
+    ({"lengths_per_head": [1, 64]}, r"at least 2 .*got \[1\]"),
+    ({"layouts": ["4x64"]}, "not KVHEADSxGROUPxHEADDIM"),
+    ({"batches": [0]}, "positive"),
+])
+def test_micro_settings_it_cannot_measure(kwargs, message):
+    args = {"lengths_per_head": [64], "layouts": ["3x3x16"], "batches": [1], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        micro_decode_step(args.pop("lengths_per_head"), **args, iters=1, progress=False)
 
 
 def test_throughput_rows():

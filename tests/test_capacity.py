@@ -251,6 +251,32 @@ def test_config_json_errors(tmp_path):
         ModelShape("broken", num_layers=0, num_kv_heads=1, head_dim=1)
 
 
+LM = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 512}
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"num_attention_heads": "8"}, "num_attention_heads must be a positive integer, got '8'"),
+    ({"num_hidden_layers": 4.0}, "num_hidden_layers must be a positive integer, got 4.0"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+    ({"num_key_value_heads": 16}, r"num_key_value_heads \(16\) exceeds num_attention_heads \(8\)"),
+    ({"head_dim": True}, "head_dim must be a positive integer, got True"),
+    ({"hidden_size": 4}, r"hidden_size \(4\) is smaller than num_attention_heads \(8\)"),
+])
+def test_config_json_bad_counts_name_the_field(tmp_path, over, message):
+    with pytest.raises(ValueError, match=message):
+        shapes.shape_from_config(_config(tmp_path, {**LM, **over}))
+
+
+def test_config_json_unknown_model_type_is_short(tmp_path):
+    message = r"model_type 'lama' is not known to transformers \(did you mean llama"
+    with pytest.raises(ValueError, match=message) as info:
+        shapes.shape_from_config(_config(tmp_path, {"model_type": "lama", "hidden_size": 64}))
+    assert len(str(info.value)) < 400
+    with pytest.raises(ValueError, match="no close match"):
+        shapes.shape_from_config(_config(tmp_path, {"text_config": {"model_type": "zzzzzz"}}))
+
+
 # ---- argument errors of the pure functions ----------------------------------------------------------
 
 @pytest.mark.parametrize("make, message", [
@@ -258,6 +284,7 @@ def test_config_json_errors(tmp_path):
     (lambda: Workload(prompt_tokens=10, output_tokens=-1), "output_tokens"),
     (lambda: Workload(prompt_tokens=10, decode_budget=32), "must exceed the window"),
     (lambda: Pool(0), "positive number of GiB"),
+    (lambda: Pool(1e300), r"at most 1073741824 \(1 EiB\)"),
     (lambda: Pool(1, "int4"), "accepted: bf16"),
     (lambda: Pool(1, block_size=0), "block_size"),
     (lambda: plan_row(TINY, WORK, tiny_pool(), "snapkv", 4), "must exceed the window"),
@@ -346,6 +373,19 @@ def test_command_rejects_bad_values_while_parsing(capsys, extra):
     with pytest.raises(SystemExit) as info:
         main([*EXAMPLE, *extra])
     assert info.value.code == 2
+
+
+def test_command_rejects_an_absurd_pool(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*EXAMPLE, "--pool-gib", "1e300"])
+    assert info.value.code == 2
+    assert "--pool-gib: expected at most 1073741824 GiB (1 EiB), got '1e300'" in capsys.readouterr().err
+
+
+def test_command_bad_config_is_an_error_not_a_traceback(tmp_path, capsys):
+    path = _config(tmp_path, {**LM, "num_attention_heads": 0})
+    assert main(["capacity", "--model", str(path), "--pool-gib", "40", "--prompt-tokens", "100"]) == 2
+    assert "num_attention_heads must be a positive integer, got 0" in capsys.readouterr().err
 
 
 # ---- the serving layer stays pure ---------------------------------------------------------------

@@ -4,6 +4,8 @@ instead of tracebacks, Ctrl-C with the partial result saved."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -17,7 +19,9 @@ from zoo import make_model  # noqa: E402
 import mixkv  # noqa: E402
 from mixkv import MixKV, Profile, RandomKV, SnapKV, save_profile  # noqa: E402
 from mixkv.cli import eval_cmd  # noqa: E402
+from mixkv.cli.common import partial_json_path  # noqa: E402
 from mixkv.cli.main import main  # noqa: E402
+from mixkv.core.io import write_json_atomic  # noqa: E402
 from mixkv.core.profiles import profile_from_json  # noqa: E402
 from mixkv.lab import calibration as cal  # noqa: E402
 from mixkv.lab.analyze import analyze  # noqa: E402
@@ -68,10 +72,16 @@ def test_output_path_that_is_a_directory(no_load, capsys, tmp_path):
     (["bench", "--long-answer", "--methods", "nope"], "unknown method"),
     (["eval", "--followup"], "needs the toy VLM"),
     (["eval", "--followup", "--model", "toy-vlm", "--tasks", "colour"], "at least two tasks"),
+    (["eval", "--followup", "--model", "toy-vlm", "--gap-plot", "g.png"], "--gap-plot does not apply to --followup"),
     (["calibrate", "--model", "nope", "--out", "x.json"], "unknown model"),
     (["calibrate", "--data", "missing.jsonl", "--out", "x.json"], "does not exist"),
     (["eval", "--tasks", "passkey,bogus"], "bogus"),
     (["analyze", "--out", "figs", "--budget", "16"], "exceed the window"),
+    (["bench", "--micro", "--micro-layouts", "1x4x64"], "--micro-layouts: layout '1x4x64' has 1 KV head"),
+    (["bench", "--micro", "--micro-layouts", "3x3"], "--micro-layouts: layout '3x3' is not KVHEADSxGROUPxHEADDIM"),
+    (["bench", "--micro", "--micro-lengths", "1"], "--micro-lengths: mean tokens per head must be at least 2"),
+    (["bench", "--micro", "--micro-batches", "0,1"], "--micro-batches: batch sizes must be positive"),
+    (["bench", "--micro", "--micro-max-tokens", "10"], "no --micro setting fits --micro-max-tokens 10"),
 ])
 def test_bad_arguments_fail_before_loading(no_load, capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -214,7 +224,8 @@ def test_interrupted_evaluation_returns_what_it_measured():
     assert len(out["samples"]) == 2 and {r["method"] for r in out["results"]} == {"full", "snapkv"}
 
 
-def test_eval_command_saves_partial_results_on_ctrl_c(monkeypatch, tmp_path, capsys):
+def _interrupted_eval(monkeypatch) -> None:
+    """``eval`` without a model whose evaluation is cut short by Ctrl-C after the full cache's row."""
     fake_model = type("M", (), {"device": torch.device("cpu")})()
     fake_tok = type("T", (), {"eos_token_id": None, "decode": lambda self, ids, **k: ""})()
     monkeypatch.setattr(sources, "load", lambda *a, **k: (fake_model, fake_tok))
@@ -223,11 +234,57 @@ def test_eval_command_saves_partial_results_on_ctrl_c(monkeypatch, tmp_path, cap
     partial = {"results": [{"task": "passkey", "method": "full", "budget": None, "accuracy": 1.0, "n": 1}],
                "samples": [], "interrupted": True, "timing": {}}
     monkeypatch.setattr(eval_cmd, "evaluate", lambda *a, **k: partial)
+
+
+def test_eval_command_saves_partial_results_on_ctrl_c(monkeypatch, tmp_path, capsys):
+    _interrupted_eval(monkeypatch)
     out = tmp_path / "eval.json"
     assert main(["eval", "--n", "1", "--length", "100", "--json", str(out)]) == 130
     assert "interrupted" in capsys.readouterr().err
     data = json.loads(out.read_text())
     assert data["interrupted"] is True and data["results"][0]["method"] == "full"
+    assert not partial_json_path(out).exists()
+
+
+def test_interrupted_eval_never_replaces_an_earlier_file(monkeypatch, tmp_path, capsys):
+    _interrupted_eval(monkeypatch)
+    out = tmp_path / "eval.json"
+    complete = json.dumps({"results": [{"task": "passkey", "method": "snapkv", "budget": 64, "accuracy": 0.5}],
+                           "interrupted": False})
+    out.write_text(complete)
+    assert main(["eval", "--n", "1", "--length", "100", "--json", str(out)]) == 130
+    assert out.read_text() == complete
+    partial = tmp_path / "eval.json.partial.json"
+    assert json.loads(partial.read_text())["interrupted"] is True
+    assert f"wrote {partial} (partial: interrupted; {out}, from an earlier run, left as it was)" \
+        in capsys.readouterr().out
+
+
+def test_followup_draws_the_plots(monkeypatch, tmp_path, capsys):
+    """``--followup --plot --task-plot``: the follow-up answers' accuracy vs budget (nothing was drawn)."""
+    from mixkv.lab import followup
+
+    grid = [("full", None), ("snapkv", 64), ("snapkv", 128)]
+    rows = [{"method": m, "budget": b, "turn": turn, "task": t, "n": 2, "accuracy": 50.0}
+            for m, b in grid for turn in ("first", "followup") for t in ("colour", "shape", "text", "mean")]
+    monkeypatch.setattr(sources, "load", lambda *a, **k: (object(), type("P", (), {"grid": 16})()))
+    monkeypatch.setattr(followup, "followup_pairs", lambda n, *a: [object()] * n)
+    monkeypatch.setattr(followup, "run_followup", lambda *a, **k: rows)
+    plot, task_plot = tmp_path / "a.png", tmp_path / "b.png"
+    argv = ["eval", "--followup", "--model", "toy-vlm", "--n", "1", "--methods", "snapkv", "--budgets", "64,128",
+            "--plot", str(plot), "--task-plot", str(task_plot)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {plot}" in out and f"wrote {task_plot}" in out
+    assert plot.read_bytes()[:4] == task_plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_followup_results_as_eval_results():
+    from mixkv.lab.followup import turn_results
+
+    rows = [{"method": "snapkv", "budget": 64, "turn": turn, "task": "mean", "n": 4, "accuracy": acc}
+            for turn, acc in (("first", 100.0), ("followup", 25.0))]
+    assert turn_results(rows) == [{"task": "mean", "method": "snapkv", "budget": 64, "accuracy": 0.25, "n": 4}]
 
 
 def test_method_from_third_party_file_works_under_press():
@@ -259,3 +316,30 @@ def test_method_from_third_party_file_works_under_press():
     plan = session.plans[0]
     kept = plan.indices[0, 0, : int(plan.lengths[0, 0]) - 4]
     assert bool(image[kept].all()) and len(kept) == 20
+
+
+# ---- output files -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_json_output_follows_the_umask(umask_022, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = ["capacity", "--model", "Llama-3-8B", "--pool-gib", "1", "--prompt-tokens", "1000", "--json", str(out)]
+    assert main(argv) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_rewritten_json_keeps_the_files_mode(umask_022, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    out.chmod(0o640)
+    write_json_atomic({"a": 1}, out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640 and json.loads(out.read_text()) == {"a": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name != "r.json"]  # no temporary file left

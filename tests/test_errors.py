@@ -18,6 +18,7 @@ from zoo import make_inputs, make_model  # noqa: E402
 
 import mixkv  # noqa: E402
 from mixkv import AdaKV, MixKV, Profile, PyramidKV, SnapKV, SparseMM, press  # noqa: E402
+from mixkv.core import defaults  # noqa: E402
 from mixkv.core.versions import check_versions  # noqa: E402
 
 
@@ -48,6 +49,28 @@ def test_budget_not_larger_than_window(cls):
 def test_ratio_must_be_a_fraction(ratio):
     with pytest.raises(ValueError, match=r"ratio must be a fraction of the prompt in \(0, 1\]"):
         SnapKV(ratio=ratio)
+
+
+@pytest.mark.parametrize("cls", [SnapKV, PyramidKV, AdaKV])
+def test_budget_and_ratio_together_are_refused(cls):
+    with pytest.raises(ValueError, match=r"give budget= .* or ratio= .*not both; got budget=40, ratio=0.5"):
+        cls(budget=40, ratio=0.5)
+
+
+def test_budget_and_ratio_by_name_are_refused(llama):
+    with pytest.raises(ValueError, match="not both"):
+        mixkv.make_method("snapkv+mixkv", budget=40, ratio=0.5)
+    with pytest.raises(ValueError, match="not both"):
+        with press(llama, "snapkv", budget=40, ratio=0.5):
+            pass
+    assert _hook_count(llama) == 0
+
+
+def test_budget_default_only_without_ratio():
+    assert SnapKV().budget == defaults.BUDGET and mixkv.make_method("adakv").budget == defaults.BUDGET
+    by_ratio = mixkv.make_method("snapkv+mixkv", ratio=0.5)
+    assert (by_ratio.budget, by_ratio.ratio) == (None, 0.5)
+    assert SnapKV(ratio=0.5).with_budget(40).budget == 40
 
 
 def test_non_int_budget():

@@ -12,7 +12,18 @@ from ..core import defaults
 from ..core.capture import capture_prefill
 from ..core.registry import make_method
 from ..lab import report
-from ..lab.benchmark import LAYOUTS, bench_context, micro_decode_step, parse_layout, rows_to_dicts, throughput
+from ..lab.benchmark import (
+    LAYOUTS,
+    bench_context,
+    check_micro_batches,
+    check_micro_layout,
+    check_micro_lengths,
+    micro_decode_step,
+    micro_grid,
+    parse_layout,
+    rows_to_dicts,
+    throughput,
+)
 from ..lab.long_answer import long_answer
 from ..lab.long_answer import rows_to_dicts as long_answer_dicts
 from ..testbeds import sources
@@ -131,14 +142,33 @@ def run(args) -> int:
     return 0
 
 
-def run_micro(args) -> int:
+def _flag_check(flag: str, check, value) -> None:
+    """Run ``check(value)``; its ValueError names the flag the value came from."""
+    try:
+        check(value)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def micro_settings(args) -> tuple[list[str], list[int], list[int]]:
+    """Layouts, batches and lengths of ``--micro``, checked: an empty grid is an error, not an empty table."""
     lengths = parse_list(args.micro_lengths, int)
     batches = parse_list(args.micro_batches, int)
     layouts = parse_list(args.micro_layouts)
     for layout in layouts:
-        parse_layout(layout)
-    if min(lengths + batches) < 1:
-        raise ValueError(f"--micro-lengths and --micro-batches must be positive, got {lengths} / {batches}")
+        _flag_check("--micro-layouts", check_micro_layout, layout)
+    _flag_check("--micro-lengths", check_micro_lengths, lengths)
+    _flag_check("--micro-batches", check_micro_batches, batches)
+    if not micro_grid(layouts, batches, lengths, args.micro_max_tokens):
+        smallest = min(parse_layout(lay)[0] for lay in layouts) * min(batches) * min(lengths)
+        raise ValueError(f"no --micro setting fits --micro-max-tokens {args.micro_max_tokens}: the smallest "
+                         f"holds {smallest} tokens per layer (batch x KV heads x tokens per head); raise "
+                         "--micro-max-tokens or give smaller --micro-lengths / --micro-batches")
+    return layouts, batches, lengths
+
+
+def run_micro(args) -> int:
+    layouts, batches, lengths = micro_settings(args)
     threads = setup_threads(args.threads)
     machine = machine_description()
     dtype = sources.check_dtype(args.dtype)

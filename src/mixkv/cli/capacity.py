@@ -27,12 +27,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _pool_gib(text: str) -> float:
+    """argparse type: a KV pool size, positive and at most 1 EiB (1e300 GiB overflowed the byte count)."""
+    value = _positive_float(text)
+    if value > capacity.MAX_POOL_GIB:
+        raise argparse.ArgumentTypeError(f"expected at most {capacity.MAX_POOL_GIB} GiB (1 EiB), got {text!r}")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("capacity", help="plan KV memory: bytes per request and requests that fit, full vs compressed")
     p.add_argument("--model", default=None,
                    help="a named shape (see --list-models) or the path of a Hugging Face config.json")
     p.add_argument("--list-models", action="store_true", help="print the named model shapes and exit")
-    p.add_argument("--pool-gib", type=_positive_float, default=None,
+    p.add_argument("--pool-gib", type=_pool_gib, default=None,
                    help="memory for the KV cache in GiB (after weights and activations; with tensor parallelism "
                         "the sum over GPUs)")
     p.add_argument("--dtype", default="bf16", choices=sorted(capacity.DTYPE_BYTES), help="KV cache element type")

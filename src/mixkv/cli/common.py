@@ -12,8 +12,8 @@ from pathlib import Path
 from ..core.io import check_writable, read_json, write_json_atomic
 from ..lab.machine import machine_description, setup_threads
 
-__all__ = ["check_outputs", "load_results", "machine_description", "nonneg_int", "parse_list", "positive_int",
-           "setup_threads", "write_json"]
+__all__ = ["check_outputs", "load_results", "machine_description", "nonneg_int", "parse_list", "partial_json_path",
+           "positive_int", "setup_threads", "write_json", "write_partial_json"]
 
 
 def parse_list(text: str, kind=str) -> list:
@@ -58,6 +58,18 @@ def check_outputs(*paths: str | Path | None) -> None:
 def write_json(obj: dict, path: str | Path) -> Path:
     """Results files are written atomically: an interrupted write never leaves a truncated file."""
     return write_json_atomic(obj, path)
+
+
+def partial_json_path(path: str | Path) -> Path:
+    """Where an interrupted run goes when ``path`` is taken: ``<path>.partial.json``, as calibrate's."""
+    return Path(f"{path}.partial.json")
+
+
+def write_partial_json(obj: dict, path: str | Path) -> Path:
+    """An interrupted run's results: at ``path`` when no file is there, else at :func:`partial_json_path`,
+    so a partial run never replaces an earlier (maybe complete) results file. Returns where it went."""
+    target = Path(path)
+    return write_json(obj, partial_json_path(path) if target.exists() else target)
 
 
 def load_results(path: str | Path, kind: str = "results") -> dict:

@@ -21,6 +21,7 @@ from .common import (
     positive_int,
     setup_threads,
     write_json,
+    write_partial_json,
 )
 
 
@@ -48,9 +49,15 @@ def add_parser(sub) -> None:
                         "exactly as press decodes")
     p.add_argument("--dtype", default="float32", choices=sorted(sources.DTYPES))
     p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--json", default=None, help="write results here (JSON)")
-    p.add_argument("--plot", default=None, help="write a PNG of accuracy vs budget here")
-    p.add_argument("--task-plot", default=None, help="write a PNG with one accuracy-vs-budget panel per task here")
+    p.add_argument("--json", default=None,
+                   help="write results here (JSON). On Ctrl-C what was measured is saved, marked "
+                        "\"interrupted\": true: here if the file does not exist yet, else to <JSON>.partial.json "
+                        "(an earlier results file is never replaced by a partial run)")
+    p.add_argument("--plot", default=None,
+                   help="write a PNG of accuracy vs budget here (--followup: of the follow-up answers)")
+    p.add_argument("--task-plot", default=None,
+                   help="write a PNG with one accuracy-vs-budget panel per task here (--followup: the follow-up "
+                        "answers, per follow-up task)")
     p.add_argument("--gap-plot", default=None,
                    help="toy VLMs: record which answer tokens each method kept and draw the gap analysis here")
     p.add_argument("--gap-budget", type=positive_int, default=64, help="budget of the gap plot's middle/right panels")
@@ -58,7 +65,7 @@ def add_parser(sub) -> None:
                    help="no run: print the tables and draw --plot / --task-plot / --gap-plot from this JSON")
     p.add_argument("--followup", action="store_true",
                    help=f"{sources.TOY_VLM} only: ask a second question on the first one's compressed cache "
-                        "(two generate calls inside one press) and score both answers")
+                        "(two generate calls inside one press) and score both answers; not with --gap-plot")
     p.set_defaults(run=run)
 
 
@@ -130,6 +137,9 @@ def run(args) -> int:
     check_outputs(args.json, args.plot, args.task_plot, args.gap_plot)
     if args.gap_plot and not sources.is_toy_vlm(args.model):
         raise ValueError("--gap-plot needs the toy VLM (toy-vlm): its samples know where the answer is")
+    if args.gap_plot and args.followup:
+        raise ValueError("--gap-plot does not apply to --followup: the gap analysis records single-question runs; "
+                         "drop one of the two (--plot and --task-plot do work with --followup)")
     sources.check_model_name(args.model)
     if args.profile is not None and not Path(args.profile).is_file():
         raise FileNotFoundError(f"calibration profile {args.profile!r} does not exist")
@@ -181,8 +191,12 @@ def run(args) -> int:
         print(report.accuracy_tables(results))
     print(f"\n{len(items)} prompts, {len(config.grid())} method/budget runs each, "
           f"{elapsed:.0f} s on {machine_description()}")
-    if args.json:
-        print(f"wrote {write_json(payload, args.json)}" + (" (partial: interrupted)" if out["interrupted"] else ""))
+    if args.json and out["interrupted"]:
+        written = write_partial_json(payload, args.json)
+        kept = "" if written == Path(args.json) else f"; {args.json}, from an earlier run, left as it was"
+        print(f"wrote {written} (partial: interrupted{kept})")
+    elif args.json:
+        print(f"wrote {write_json(payload, args.json)}")
     _figures(args, payload)
     if out["interrupted"]:
         raise KeyboardInterrupt
@@ -221,4 +235,20 @@ def run_followup_eval(args, config: EvalConfig, names: list[str]) -> int:
                               "budgets": config.budgets, "window": args.window, "threads": threads,
                               "machine": machine, "seconds": elapsed}}
         print(f"wrote {write_json(payload, args.json)}")
+    _followup_figures(args, rows, f"{args.model}: follow-up answers ({len(pairs)} pairs, window {args.window})")
     return 0
+
+
+def _followup_figures(args, rows: list[dict], title: str) -> None:
+    """``--plot`` / ``--task-plot`` of a follow-up run: the follow-up answers, drawn as an eval's results."""
+    from ..lab.followup import turn_results
+
+    results = turn_results(rows, "followup")
+    if args.plot and results:
+        from ..lab.figures import plot_accuracy
+
+        print(f"wrote {plot_accuracy(results, args.plot, title)}")
+    if args.task_plot and results:
+        from ..lab.figures import plot_accuracy_by_task
+
+        print(f"wrote {plot_accuracy_by_task(results, args.task_plot, title)}")

@@ -5,18 +5,40 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it: put straight back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def target_mode(path: Path) -> int:
+    """Permission bits a rewrite of ``path`` should get: the existing file's, else what ``open()`` would
+    give a new file (0o666 less the umask). ``mkstemp`` makes its file 0o600, whatever the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 def write_json_atomic(obj, path: str | Path, indent: int | None = 1) -> Path:
-    """Write ``obj`` as JSON to a temporary file in the same folder, then rename it over ``path``."""
+    """Write ``obj`` as JSON to a temporary file in the same folder, then rename it over ``path``.
+
+    The file gets the mode a plain write would give it: an existing file keeps its mode, a new one
+    follows the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=indent)
+        os.chmod(tmp, target_mode(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -68,13 +68,13 @@ def describe_method(name: str) -> str:
     return DESCRIPTIONS[name]
 
 
-def make_method(name: str, budget: int | None = defaults.BUDGET, ratio: float | None = None,
+def make_method(name: str, budget: int | None = None, ratio: float | None = None,
                 window: int = defaults.WINDOW, redundancy=defaults.REDUNDANCY, profile=None, **kwargs) -> Method | None:
     """Build a method from its registry name; ``"full"`` gives None (no compression).
 
     ``profile`` is a calibration profile (path or Profile): SparseMM's head scores, HeadKV's
-    retrieval scores, and MixKV's offline redundancy when ``redundancy="profile"``. Extra keyword
-    arguments go to the base.
+    retrieval scores, and MixKV's offline redundancy when ``redundancy="profile"``. ``budget`` or
+    ``ratio``, not both (neither: the default budget). Extra keyword arguments go to the base.
     """
     if not isinstance(name, str):
         raise ValueError(f"method name must be a string, got {name!r}")

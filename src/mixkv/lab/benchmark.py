@@ -209,6 +209,50 @@ def parse_layout(text: str) -> tuple[int, int, int]:
     return h, g, d
 
 
+MICRO_MIN_KV_HEADS = 2
+"""Lengths vary across a sequence's KV heads (their sum is fixed): one head has nothing to vary."""
+
+MICRO_MIN_LENGTH = 2
+"""Below 2 tokens per head on average every head keeps exactly one: nothing varies."""
+
+
+def check_micro_layout(text: str) -> tuple[int, int, int]:
+    """A layout the microbenchmark can measure (see :data:`MICRO_MIN_KV_HEADS`), parsed."""
+    h, g, d = parse_layout(text)
+    if h < MICRO_MIN_KV_HEADS:
+        raise ValueError(f"layout {text!r} has {h} KV head; the microbenchmark varies lengths across a sequence's "
+                         f"KV heads, so a layout needs at least {MICRO_MIN_KV_HEADS} (KVHEADSxGROUPxHEADDIM, "
+                         "e.g. 2x6x128)")
+    return h, g, d
+
+
+def check_micro_lengths(lengths_per_head: Sequence[int]) -> None:
+    """Mean tokens per head the microbenchmark can spread (see :data:`MICRO_MIN_LENGTH`)."""
+    small = [n for n in lengths_per_head if n < MICRO_MIN_LENGTH]
+    if small:
+        raise ValueError(f"mean tokens per head must be at least {MICRO_MIN_LENGTH} (with 1 every head keeps one "
+                         f"token and nothing varies), got {small}")
+
+
+def check_micro_batches(batches: Sequence[int]) -> None:
+    if any(b < 1 for b in batches):
+        raise ValueError(f"batch sizes must be positive, got {list(batches)}")
+
+
+def micro_grid(layouts: Sequence[str], batches: Sequence[int], lengths_per_head: Sequence[int],
+               max_tokens: int) -> list[tuple[str, int, int]]:
+    """The microbenchmark's ``(layout, batch, mean length)`` settings within ``max_tokens`` per layer.
+
+    Raises a ValueError saying what is accepted for a value it cannot measure, instead of failing
+    inside the measurement.
+    """
+    heads = {layout: check_micro_layout(layout)[0] for layout in layouts}
+    check_micro_lengths(lengths_per_head)
+    check_micro_batches(batches)
+    return [(lay, b, n) for lay in layouts for b in batches for n in lengths_per_head
+            if b * heads[lay] * n <= max_tokens]
+
+
 def _head_lengths(batch: int, heads: int, mean_len: int, spread: float, gen) -> torch.Tensor:
     """Per-(sequence, head) lengths spread +-``spread`` around ``mean_len``, summing to ``heads * mean_len``."""
     raw = 1 - spread + 2 * spread * torch.rand(batch, heads, generator=gen)
@@ -226,11 +270,12 @@ def micro_decode_step(lengths_per_head: Sequence[int], layouts: Sequence[str] = 
 
     For each mean length ``L`` the heads get lengths spread in ``[(1-spread) L, (1+spread) L]``
     (rescaled to total ``H * L``), as AdaKV produces. Settings with more than ``max_tokens``
-    tokens per layer (``B * H * L``) are skipped (memory).
+    tokens per layer (``B * H * L``) are skipped (memory). Layouts need 2 or more KV heads and ``L``
+    must be at least 2 (:func:`micro_grid`); small ``L`` can still draw equal lengths (``min_len ==
+    max_len``), measured as the uniform layer it then is.
     """
     gen = torch.Generator().manual_seed(seed)
-    grid = [(lay, b, n) for lay in layouts for b in batches for n in lengths_per_head
-            if b * parse_layout(lay)[0] * n <= max_tokens]
+    grid = micro_grid(layouts, batches, lengths_per_head, max_tokens)
     rows = []
     for layout, b, mean_len in tqdm(grid, desc="micro", disable=not progress):
         h, g, d = parse_layout(layout)
@@ -262,7 +307,8 @@ def micro_decode_step(lengths_per_head: Sequence[int], layouts: Sequence[str] = 
                      "varlen_ms": 1000 * t_var, "dense_ms": 1000 * t_dense, "padded_ms": 1000 * t_pad,
                      "ratio": t_var / t_dense, "ratio_padded": t_var / t_pad,
                      "min_len": int(lengths.min()), "max_len": int(lengths.max()),
-                     "regions": [r.size for r in layer.packing.regions],
+                     # heads that drew equal lengths make a uniform layer: nothing packed
+                     "regions": [] if layer.packing is None else [r.size for r in layer.packing.regions],
                      "kv_bytes": layer.kv_bytes(), "allocated_bytes": layer.allocated_bytes()})
         del layer, dk, dv, pk, pv, pmask
     return rows

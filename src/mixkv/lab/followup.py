@@ -106,3 +106,10 @@ def run_followup(model, processor, pairs: Sequence[FollowupPair], methods: Seque
         if progress is not None:
             progress(f"{name}{'' if budget is None else f' @{budget}'}")
     return rows
+
+
+def turn_results(rows: Sequence[dict], turn: str = "followup") -> list[dict]:
+    """One turn's rows in :func:`mixkv.lab.evaluation.evaluate`'s result form (accuracy a fraction,
+    not a percentage), so the eval figures can draw them."""
+    return [{"task": r["task"], "method": r["method"], "budget": r["budget"], "accuracy": r["accuracy"] / 100,
+             "n": r["n"]} for r in rows if r["turn"] == turn]

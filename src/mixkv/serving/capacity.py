@@ -31,6 +31,9 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 
 GIB = 1 << 30
 
+MAX_POOL_GIB = 1 << 30
+"""Largest KV pool accepted, 1 EiB: beyond any cluster, and byte counts stay within 64 bits."""
+
 VLLM_BLOCK_SIZE = 16
 """vLLM's default tokens per KV block (``CacheConfig.DEFAULT_BLOCK_SIZE`` in 0.32)."""
 
@@ -111,9 +114,9 @@ class Pool:
     prefilling: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.gib, bool) or not isinstance(self.gib, (int, float)) or not self.gib > 0 \
-                or not math.isfinite(self.gib):
-            raise ValueError(f"the KV pool must be a positive number of GiB, got {self.gib!r}")
+        if isinstance(self.gib, bool) or not isinstance(self.gib, (int, float)) or not 0 < self.gib <= MAX_POOL_GIB:
+            raise ValueError(f"the KV pool must be a positive number of GiB, at most {MAX_POOL_GIB} (1 EiB), "
+                             f"got {self.gib!r}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {self.dtype!r}; accepted: {', '.join(DTYPE_BYTES)}")
         _positive_int("block_size", self.block_size)

@@ -7,6 +7,7 @@ only the language model holds a KV cache, so its ``text_config`` / ``llm_config`
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -90,12 +91,22 @@ def language_part(config: dict) -> dict:
     return config
 
 
-def _with_defaults(lm: dict) -> dict:
+def close_matches(word: str, known: list[str], n: int = 5) -> str:
+    """At most ``n`` names like ``word``, for an error message (a full list of ~900 would bury it)."""
+    found = difflib.get_close_matches(word.lower(), known, n=n, cutoff=0.6) if isinstance(word, str) else []
+    return f"did you mean {', '.join(found)}?" if found else "no close match"
+
+
+def _with_defaults(lm: dict, path: Path) -> dict:
     """Fill fields a config leaves at its class defaults (llava-hf's ``text_config`` lists almost
     nothing) from transformers' config class for its ``model_type``; imported only then."""
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     model_type = lm["model_type"]
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{path}: model_type {model_type!r} is not known to transformers "
+                         f"({close_matches(model_type, list(CONFIG_MAPPING.keys()))}); give a model_type it "
+                         "knows, or num_hidden_layers and num_attention_heads in the config")
     try:
         cfg = AutoConfig.for_model(model_type, **{k: v for k, v in lm.items() if k != "model_type"})
     except (ValueError, KeyError) as e:
@@ -108,7 +119,8 @@ def shape_from_config(path: str | Path, name: str | None = None) -> ModelShape:
     """Read a Hugging Face ``config.json`` (or a folder holding one).
 
     ``num_key_value_heads`` defaults to ``num_attention_heads`` (no GQA) and ``head_dim`` to
-    ``hidden_size // num_attention_heads``, as in transformers. A sliding window is kept only when
+    ``hidden_size // num_attention_heads``, as in transformers. Counts must be positive integers and
+    ``num_key_value_heads`` at most ``num_attention_heads``. A sliding window is kept only when
     the config turns it on (Qwen2 keeps ``sliding_window`` with ``use_sliding_window: false``).
     """
     path = Path(path)
@@ -120,24 +132,46 @@ def shape_from_config(path: str | Path, name: str | None = None) -> ModelShape:
     lm = language_part(config)
     needed = ("num_hidden_layers", "num_attention_heads")
     if any(lm.get(k) is None for k in needed) and lm.get("model_type"):
-        lm = _with_defaults(lm)
+        lm = _with_defaults(lm, path)
     missing = [k for k in needed if lm.get(k) is None]
     if missing:
         raise ValueError(f"{path}: no {' or '.join(missing)} in the language model's config "
                          f"(looked in {', '.join(LANGUAGE_KEYS)} and the top level)")
-    heads = lm["num_attention_heads"]
-    kv_heads = lm.get("num_key_value_heads") or heads
-    head_dim = lm.get("head_dim")
-    if head_dim is None:
-        if lm.get("hidden_size") is None:
-            raise ValueError(f"{path}: neither head_dim nor hidden_size in the language model's config")
-        head_dim = lm["hidden_size"] // heads
+    layers = config_count(lm, "num_hidden_layers", path)
+    heads = config_count(lm, "num_attention_heads", path)
+    kv_heads = heads if lm.get("num_key_value_heads") is None else config_count(lm, "num_key_value_heads", path)
+    if kv_heads > heads:
+        raise ValueError(f"{path}: num_key_value_heads ({kv_heads}) exceeds num_attention_heads ({heads}); "
+                         "each KV head serves one or more attention heads, so at most num_attention_heads")
+    head_dim = _head_dim(lm, heads, path)
     window = lm.get("sliding_window")
     if lm.get("use_sliding_window") is False:
         window = None
-    return ModelShape(name=name or path.parent.name or str(path), num_layers=lm["num_hidden_layers"],
+    return ModelShape(name=name or path.parent.name or str(path), num_layers=layers,
                       num_kv_heads=kv_heads, head_dim=head_dim, num_attention_heads=heads,
                       sliding_window=window, source=str(path))
+
+
+def config_count(lm: dict, key: str, path: Path) -> int:
+    """``lm[key]`` as a positive integer; anything else (0, "8", 8.0, true) is an error naming the field,
+    not a division by zero or a type error further on."""
+    value = lm.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _head_dim(lm: dict, heads: int, path: Path) -> int:
+    """``head_dim``, or ``hidden_size // num_attention_heads`` as transformers computes it."""
+    if lm.get("head_dim") is not None:
+        return config_count(lm, "head_dim", path)
+    if lm.get("hidden_size") is None:
+        raise ValueError(f"{path}: neither head_dim nor hidden_size in the language model's config")
+    hidden = config_count(lm, "hidden_size", path)
+    if hidden < heads:
+        raise ValueError(f"{path}: hidden_size ({hidden}) is smaller than num_attention_heads ({heads}), so "
+                         "hidden_size // num_attention_heads is no head dim; give head_dim")
+    return hidden // heads
 
 
 def resolve_shape(model: str) -> ModelShape:

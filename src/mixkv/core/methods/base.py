@@ -92,13 +92,14 @@ class BudgetedMethod(Method):
 
     Parameters (shared by every base):
 
-    * ``budget``: tokens kept per KV head **including** the window (default 64);
-    * ``ratio``: instead of a budget, the fraction of each prompt kept, in (0, 1];
+    * ``budget``: tokens kept per KV head **including** the window (default 64 when no ratio is given);
+    * ``ratio``: instead of a budget, the fraction of each prompt kept, in (0, 1]; giving both is an error;
     * ``window``: observation window ``W`` (default 32), always kept;
     * ``kernel``: odd pooling kernel of SnapKV's score (default 5).
     """
 
-    budget: int | None = defaults.BUDGET
+    budget: int | None = None
+    """None: ``defaults.BUDGET``, unless ``ratio`` is given (a default must not hide a conflict)."""
     ratio: float | None = None
     window: int = defaults.WINDOW
     kernel: int = defaults.KERNEL
@@ -112,11 +113,15 @@ class BudgetedMethod(Method):
         if not _is_int(self.kernel) or self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"{cls}: kernel must be an odd positive int, got {self.kernel!r}")
         if self.ratio is not None:
+            if self.budget is not None:
+                raise ValueError(f"{cls}: give budget= (tokens kept per KV head) or ratio= (share of each prompt "
+                                 f"kept), not both; got budget={self.budget!r}, ratio={self.ratio!r}")
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) \
                     or not 0.0 < float(self.ratio) <= 1.0:
                 raise ValueError(f"{cls}: ratio must be a fraction of the prompt in (0, 1], got {self.ratio!r}")
-            self.budget = None
             return
+        if self.budget is None:
+            self.budget = defaults.BUDGET
         if not _is_int(self.budget):
             raise ValueError(
                 f"{cls}: budget must be an int (tokens kept per KV head, window included) "

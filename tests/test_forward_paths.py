@@ -204,3 +204,24 @@ def test_attention_weights_match_the_attention_output(eager):
     mixed = torch.matmul(weights.float(), values.float().repeat_interleave(2, dim=1))  # (B, Hq, 1, D)
     before_o_proj = mixed.transpose(1, 2).reshape(2, 1, -1)
     torch.testing.assert_close(attn.o_proj(before_o_proj), captured["out"], atol=1e-4, rtol=1e-4)
+
+
+# ---- models the press wraps, or refuses at entry --------------------------------------------------------
+
+def test_a_compiled_forward_gives_the_same_tokens():
+    """torch.compile(model.forward): the hooks and the attention function still run (graph breaks there)."""
+    model = make_model("llama")
+    inputs = make_inputs(model, "llama", text_len=60)
+    with torch.no_grad(), mixkv.press(model, "snapkv", budget=20, window=4):
+        want = model.generate(**inputs, max_new_tokens=4)
+    model.forward = torch.compile(model.forward)
+    with torch.no_grad(), mixkv.press(model, "snapkv", budget=20, window=4) as session:
+        got = model.generate(**inputs, max_new_tokens=4)
+    assert torch.equal(got, want) and session.stats.layers_compressed == 2
+
+
+def test_an_attention_implementation_without_a_mask_function_is_refused_at_entry():
+    model = make_model("llama", attn_implementation="paged|eager")
+    with pytest.raises(ValueError, match="has no mask function"), mixkv.press(model, "snapkv", budget=64):
+        pass
+    assert model.config._attn_implementation == "paged|eager"  # nothing half-applied

@@ -375,7 +375,7 @@ def test_held_view_lists_each_heads_tokens_in_order(seed, batch, heads, max_kept
         new_v = torch.randn(batch, heads, appended, d, generator=gen)
         new_valid = torch.rand(batch, appended, generator=gen) > 0.3
         for t in range(appended):
-            layer.pending_valid = None if bool(new_valid[:, t].all()) else new_valid[:, t : t + 1]
+            layer.expect(None if bool(new_valid[:, t].all()) else new_valid[:, t : t + 1])
             layer.update(new_k[:, :, t : t + 1], new_v[:, :, t : t + 1])
         hk, hv, hvalid = layer.held_view()
     finally:

@@ -17,6 +17,8 @@ transformers derives decoded tokens' positions from it, and they must stay ``N, 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
@@ -24,6 +26,13 @@ from .packing import INLINE_MAX_SEGMENTS, Packing, plan_packing
 from .selection import KeepPlan
 
 MIN_GROWTH = 16
+
+
+class CacheOwner(Protocol):
+    """What a compressed layer asks of the press that made it (:class:`mixkv.core.press.PressSession`)."""
+
+    active: bool  # False once its `with` block is left: extending the cache then is an error
+    decode_budget: int | None  # set: reordering the batch is refused (the query rings cannot follow)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -35,7 +44,7 @@ class CompressedLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, plan: KeepPlan, prompt_length: int,
-                 owner=None):
+                 owner: CacheOwner | None = None):
         super().__init__()
         b, h, _, d = keys.shape
         self.device = keys.device
@@ -44,7 +53,7 @@ class CompressedLayer(CacheLayerMixin):
         self.prompt_length = int(prompt_length)  # logical length when this layer was built
         self.decoded = 0  # tokens appended since (decoded, or a new turn's tokens)
         self.owner = owner  # the press session; decoding outside it would be silently wrong
-        self.pending_valid: torch.Tensor | None = None  # (B, q) set by the press before an update
+        self._expected_valid: torch.Tensor | None = None  # (B, q), see expect()
         self._tail_valid: torch.Tensor | None = None  # (B, capacity) once a padding token was appended
         gather = plan.indices[..., None].expand(b, h, plan.indices.shape[-1], d)
         k_sel = keys.gather(2, gather)
@@ -241,6 +250,14 @@ class CompressedLayer(CacheLayerMixin):
             new[:, :, : self.tail_len] = old[:, :, : self.tail_len]
             setattr(self, name, new)
 
+    def expect(self, valid: torch.Tensor | None) -> None:
+        """Validity ``(B, q)`` of the tokens the next :meth:`update` appends (None: all real).
+
+        transformers calls ``update(keys, values)`` from inside the attention module, with no room for
+        a mask, so the press says it here, right before that forward's update.
+        """
+        self._expected_valid = valid
+
     # ---- CacheLayerMixin API -----------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("CompressedLayer is built from a filled layer; it is never lazily initialised")
@@ -258,7 +275,7 @@ class CompressedLayer(CacheLayerMixin):
                 f"got new states of shape {tuple(key_states.shape)}"
             )
         q = key_states.shape[2]
-        valid, self.pending_valid = self.pending_valid, None
+        valid, self._expected_valid = self._expected_valid, None
         if valid is not None and tuple(valid.shape) != (self.batch_size, q):
             raise ValueError(
                 f"validity of new tokens must be (B, q) = {(self.batch_size, q)}, got {tuple(valid.shape)}"
@@ -366,3 +383,4 @@ class CompressedLayer(CacheLayerMixin):
         kind = "flat" if self.is_flat else "dense"
         mean = self.kept_lengths.float().mean().item()
         return f"CompressedLayer({kind}, kept={mean:.1f}/head, decoded={self.decoded})"
+

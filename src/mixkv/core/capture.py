@@ -20,10 +20,11 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from . import defaults
 from .cache import CompressedLayer
+from .compression import compress_layer
 from .layer import LayerPrefill
 from .methods.base import Method
-from .press import PressSession, compress_layer, layer_plan, open_session
-from .selection import KeepPlan
+from .press import PressSession, open_session
+from .selection import KeepPlan, keep_all_plan, plan_layer, stack_plans
 
 
 @dataclass
@@ -89,19 +90,6 @@ def build_cache(
     return cache, plans, seconds
 
 
-def _keep_all(layer, device) -> KeepPlan:
-    n = layer.keys.shape[2]
-    h = layer.keys.shape[1]
-    return KeepPlan(torch.arange(n, device=device).expand(1, h, n), torch.full((1, h), n, device=device))
-
-
-def stack_plans(plans: list[KeepPlan]) -> KeepPlan:
-    """One plan whose batch entry ``i`` is ``plans[i]`` (each of batch 1), filler padded to the longest."""
-    width = max(p.indices.shape[-1] for p in plans)
-    indices = torch.cat([torch.nn.functional.pad(p.indices, (0, width - p.indices.shape[-1])) for p in plans])
-    return KeepPlan(indices, torch.cat([p.lengths for p in plans]))
-
-
 def build_stacked_cache(
     prefill: Prefill, methods: list[Method], owner: PressSession
 ) -> tuple[DynamicCache, list[dict[int, KeepPlan]], list[float]]:
@@ -129,11 +117,11 @@ def build_stacked_cache(
             key = (method.window, method.kernel)
             if key not in records:
                 records[key] = cap.for_method(*key)
-            plan = layer_plan(method, records[key], own_record=False)
+            plan = plan_layer(method, records[key], own_record=False)
             seconds[i] += time.perf_counter() - start
             if plan is not None:
                 plans[i][cap.layer_idx] = plan
-            per.append(plan if plan is not None else _keep_all(cap, cap.keys.device))
+            per.append(plan if plan is not None else keep_all_plan(cap))
         b, h, n, d = cap.keys.shape
         layer = CompressedLayer(cap.keys.expand(k, h, n, d), cap.values.expand(k, h, n, d), stack_plans(per),
                                 prompt_length=prefill.prompt_length, owner=owner)

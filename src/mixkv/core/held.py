@@ -1,14 +1,12 @@
 """What a press re-compresses after the first prefill: a layer's held tokens as one record.
 
 A layer is re-compressed when a later turn brings a new prompt segment longer than the window,
-and (with ``press(decode_budget=...)``) while decoding. Either way the method sees what the layer
-holds now (kept tokens, decoded tokens, the new segment) as a :class:`~mixkv.core.layer.LayerPrefill`
-whose window is the last ``W`` tokens, scored by their own queries. Heads of a compressed layer hold
-different tokens, so the record carries a per-head validity mask; every head ends with the same
-most recent tokens (the window, decoded tokens and new segments are in every head).
-
-:class:`QueryRing` keeps the last ``W`` queries of a layer while decoding, written in place (no copy
-per step), for decode-time re-compression.
+and (with ``press(decode_budget=...)``, see :mod:`mixkv.core.decoding`) while decoding. Either way
+the method sees what the layer holds now (kept tokens, decoded tokens, the new segment) as a
+:class:`~mixkv.core.layer.LayerPrefill` whose window is the last ``W`` tokens, scored by their own
+queries. Heads of a compressed layer hold different tokens, so the record carries a per-head
+validity mask; every head ends with the same most recent tokens (the window, decoded tokens and new
+segments are in every head), and padding is moved to the left (:func:`right_align`).
 """
 
 from __future__ import annotations
@@ -17,68 +15,6 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .cache import CompressedLayer
-
-
-class QueryRing:
-    """The last ``window`` queries ``(B, Hq, ., D)`` one layer saw, oldest first when read.
-
-    Rows count their own queries: a padded push (a later turn's left-padded segment) adds only each
-    row's real queries, so a row's ring holds what it would hold alone.
-    """
-
-    def __init__(self, window: int):
-        self.window = window
-        self.buffer: torch.Tensor | None = None
-        self.pointer = 0
-        self.counts: list[int] = []
-        self.scaling = 1.0
-
-    def push(self, query: torch.Tensor, scaling: float, real: list[int] | None = None) -> None:
-        """Add ``query`` ``(B, Hq, q, D)``; ``real``: real (right-aligned) queries per row, None if all are."""
-        b, hq, q, d = query.shape
-        w = self.window
-        self.scaling = float(scaling)
-        if self.buffer is None or self.buffer.shape[:2] != (b, hq) or self.buffer.shape[-1] != d:
-            self.buffer = query.new_zeros(b, hq, w, d)
-            self.pointer, self.counts = 0, [0] * b
-        if real is not None and any(n != q for n in real):
-            self._push_padded(query, real)
-            return
-        self.counts = [min(w, c + q) for c in self.counts]
-        if q >= w:
-            self.buffer.copy_(query[:, :, -w:])
-            self.pointer = 0
-            return
-        end = self.pointer + q
-        if end <= w:  # the usual decoding step: one slice copy, no index tensor
-            self.buffer[:, :, self.pointer : end] = query
-        else:
-            slots = (self.pointer + torch.arange(q, device=query.device)) % w
-            self.buffer[:, :, slots] = query
-        self.pointer = end % w
-
-    def _push_padded(self, query: torch.Tensor, real: list[int]) -> None:
-        """Row ``r`` keeps the last ``W`` of (its ring, its last ``real[r]`` queries): one gather."""
-        b, hq, q, d = query.shape
-        w = self.window
-        joined = torch.cat([torch.roll(self.buffer, shifts=-self.pointer, dims=2), query], dim=2)  # (B, Hq, W+q, D)
-        take = torch.tensor([min(n, w) for n in real], device=query.device)[:, None]
-        j = torch.arange(w, device=query.device)[None, :]
-        # Slot j: ring slot j + n while the ring still has a share, else the new queries' slot q + j.
-        src = torch.where(j < w - take, j + take, q + j)  # (B, W)
-        self.buffer = joined.gather(2, src[:, None, :, None].expand(b, hq, w, d))
-        self.pointer = 0
-        self.counts = [min(w, c + n) for c, n in zip(self.counts, real)]
-
-    def ready(self, row: int) -> bool:
-        """Row ``row`` has seen ``W`` queries (its part of :meth:`ordered` is real)."""
-        return bool(self.counts) and self.counts[row] >= self.window
-
-    def ordered(self) -> torch.Tensor | None:
-        """``(B, Hq, W, D)`` oldest first, or None before any row saw ``W`` queries (see :meth:`ready`)."""
-        if self.buffer is None or not self.counts or max(self.counts) < self.window:
-            return None
-        return torch.roll(self.buffer, shifts=-self.pointer, dims=2)
 
 
 def held_tokens(layer, mask2d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:

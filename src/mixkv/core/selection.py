@@ -7,6 +7,7 @@ left-padded batch, and the same tokens on every run.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -103,3 +104,71 @@ def _check_counts(method, counts: torch.Tensor, shape: tuple[int, int]) -> None:
     if tuple(counts.shape) != shape or counts.dtype.is_floating_point or bool((counts < 0).any()):
         raise ValueError(f"{method.name}: allocate must return (B, H) = {shape} non-negative integer counts, "
                          f"got {tuple(counts.shape)} {counts.dtype}")
+
+
+def plan_layer(method, record: LayerPrefill, rows: list[int] | None = None, own_record: bool = True) -> KeepPlan | None:
+    """The positions ``method`` keeps of one layer's record; None when every sequence fits its budget.
+
+    The one entry point for "plan a layer": the press, the shared capture and the vLLM plugin all call it.
+    ``rows``: compress only these sequences (the others keep every real token they hold); None: all.
+    ``own_record=False``: ``record`` is already for this method's window and kernel, shared among
+    methods (their scores are computed once; see :func:`mixkv.core.capture.build_stacked_cache`).
+    """
+    if rows is not None and len(rows) < record.keys.shape[0]:
+        part = plan_layer(method, select_rows(record, rows), own_record=own_record)
+        return None if part is None else merge_rows(keep_all_plan(record), rows, part)
+    if own_record:
+        record = record.for_method(method.window, method.kernel)
+    elif (record.window, record.kernel) != (method.window, method.kernel):
+        raise ValueError(f"record for window {record.window} / kernel {record.kernel}, method needs "
+                         f"{method.window} / {method.kernel}")
+    if not bool((record.n_valid > method.budget_per_sequence(record)).any()):
+        return None
+    return plan_keep(method, record)
+
+
+def select_rows(record: LayerPrefill, rows: list[int]) -> LayerPrefill:
+    """The record of ``rows`` only (every batched field sliced; scores are computed per row anyway)."""
+    index = torch.tensor(rows, device=record.keys.device, dtype=torch.long)
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, index.to(t.device))
+
+    return dataclasses.replace(
+        record, queries=take(record.queries), keys=take(record.keys), values=take(record.values),
+        valid=take(record.valid), image_mask=take(record.image_mask), real_length=take(record.real_length),
+    )
+
+
+def keep_all_plan(record: LayerPrefill) -> KeepPlan:
+    """Every real token of every sequence and head, in order: what a sequence that is not compressed keeps."""
+    b, h, n, _ = record.keys.shape
+    keep = record.token_mask.expand(b, h, n)
+    lengths = keep.sum(-1)
+    positions = torch.arange(n, device=keep.device).expand(b, h, n)
+    order = torch.where(keep, positions, torch.full_like(positions, n)).sort(-1).values
+    order = order[..., : int(lengths.max()) if lengths.numel() else 0]
+    return KeepPlan(torch.where(order < n, order, torch.zeros_like(order)), lengths)
+
+
+def stack_plans(plans: list[KeepPlan]) -> KeepPlan:
+    """One plan whose batch entries are ``plans``' entries in turn, filler padded to the longest."""
+    width = max(p.indices.shape[-1] for p in plans)
+    return KeepPlan(torch.cat([_widen(p.indices, width) for p in plans]), torch.cat([p.lengths for p in plans]))
+
+
+def merge_rows(base: KeepPlan, rows: list[int], part: KeepPlan) -> KeepPlan:
+    """``base`` with the plans of ``rows`` replaced by ``part`` (one row of ``part`` per entry of ``rows``)."""
+    width = max(base.indices.shape[-1], part.indices.shape[-1])
+    indices = _widen(base.indices, width).clone()
+    lengths = base.lengths.clone()
+    index = torch.tensor(rows, device=indices.device, dtype=torch.long)
+    indices[index] = _widen(part.indices, width)
+    lengths[index] = part.lengths
+    # As wide as the longest kept row, no more: a uniform plan's layer stores every column as a token.
+    return KeepPlan(indices[..., : int(lengths.max()) if lengths.numel() else 0], lengths)
+
+
+def _widen(indices: torch.Tensor, width: int) -> torch.Tensor:
+    pad = width - indices.shape[-1]
+    return indices if pad == 0 else torch.nn.functional.pad(indices, (0, pad))

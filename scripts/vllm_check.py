@@ -1,6 +1,6 @@
 """`make vllm-check`: mixkv's vLLM plugin against vLLM itself and against mixkv's own press, offline.
 
-Run inside the venv made by `make vllm-env` (scripts/vllm_env.sh). Six parts:
+Run inside the venv made by `make vllm-env` (scripts/vllm_env.sh). Seven parts:
 
 (a) equal: greedy outputs with the plugin and a budget that covers every prompt equal vLLM without it;
 (b) press: with compression (SnapKV+MixKV at budgets 64 and 128), vLLM's outputs and kept positions
@@ -19,12 +19,18 @@ Run inside the venv made by `make vllm-env` (scripts/vllm_env.sh). Six parts:
     same two pools is the control (vLLM's own preemption);
 (f) tensor parallelism: the model's KV heads split over --tp-size worker processes (each compresses its
     own heads); outputs and kept positions must equal the one-process plugin's, with vLLM's own
-    tensor-parallel run against its one-process run as the control.
+    tensor-parallel run against its one-process run as the control;
+(serve-http) the OpenAI-compatible server started by the command users type (`vllm serve`, with the plugin at
+    SnapKV+MixKV budget --serve-budget) on 127.0.0.1 and a free port: the (b) prompts through
+    ``/v1/completions`` (token ids) and ``/v1/chat/completions`` (their text as a user message), sent at
+    once; every reply must equal ``mixkv.press`` on the prompt ids the server reports, and every prompt must
+    have been compressed (the plugin's dumps). The server gets --serve-timeout seconds to start and is
+    always stopped (scripts/vllm_serve.py).
 
 Each vLLM configuration runs in its own process (``--job``): the plugin reads its configuration from
 the environment when vLLM starts its processes, and a fresh process frees the engine completely.
 Results go to ``results/vllm-capacity.json`` (``--json``); a table is printed. The script exits
-non-zero when (a), (b), (e) or (f) finds a difference.
+non-zero when (a), (b), (e), (f) or serve-http finds a difference (serve-http also when the server fails).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import vllm_serve  # scripts/, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MIXKV_CACHE", Path.home() / ".cache" / "mixkv")).expanduser()
@@ -516,6 +524,89 @@ def part_tensor_parallel(args, tokenizer, work: Path) -> dict:
     return report
 
 
+# ---- serve-http: the OpenAI-compatible server -------------------------------------------------------------------
+
+
+def machine() -> str:
+    """CPU model and core count, for results taken on another machine than the file's others."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def serve_command(args, port: int, max_len: int, pool_bytes: int) -> list[str]:
+    """`vllm serve` as the README writes it (float32, block size), plus what makes the check small and private."""
+    exe = Path(sys.executable).with_name("vllm")
+    cmd = [str(exe if exe.is_file() else "vllm"), "serve", str(args.model), "--block-size", str(args.block_size),
+           "--dtype", "float32", "--host", vllm_serve.HOST, "--port", str(port), "--max-model-len", str(max_len),
+           "--kv-cache-memory-bytes", str(pool_bytes), "--seed", "0", "--uvicorn-log-level", "warning"]
+    return cmd + (["--enforce-eager"] if args.serve_eager else [])
+
+
+def part_serve_http(args, tokenizer, work: Path) -> dict:
+    """The (b) prompts through `vllm serve` over HTTP against ``mixkv.press`` (module doc, part serve-http)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = suite_prompts(tokenizer, ["passkey", "kv_retrieval"], args.press_n, args.press_length, seed=1)
+    budget, tokens, bs = args.serve_budget, args.press_tokens, args.block_size
+    max_len = max(len(p.ids) for p in prompts) + tokens + 64
+    pool_bytes = (2 * len(prompts) * -(-max_len // bs) + 1) * bs * BYTES_PER_TOKEN  # every request twice over
+    dump = work / "serve-dump"
+    env = {k: v for k, v in os.environ.items() if k not in PLUGIN_VARS}
+    env.update({"MIXKV_VLLM_METHOD": "snapkv+mixkv", "MIXKV_VLLM_BUDGET": str(budget), "MIXKV_VLLM_DUMP": str(dump)})
+    port = vllm_serve.free_port()
+    cmd = serve_command(args, port, max_len, pool_bytes)
+    print(f"(serve-http) {' '.join(cmd)} with MIXKV_VLLM_METHOD=snapkv+mixkv MIXKV_VLLM_BUDGET={budget}; "
+          f"{len(prompts)} prompts of {min(len(p.ids) for p in prompts)}-{max(len(p.ids) for p in prompts)} tokens "
+          f"as completions and as chats, {tokens} greedy tokens", flush=True)
+    common = {"model": str(args.model), "max_tokens": tokens, "temperature": 0.0, "return_token_ids": True}
+    requests = ([("/v1/completions", {**common, "prompt": p.ids}) for p in prompts]
+                + [("/v1/chat/completions", {**common, "messages": [{"role": "user", "content": p.sample.prompt}]})
+                   for p in prompts])
+    started = time.perf_counter()
+    with vllm_serve.Server(cmd, env, work / "serve.log", port, args.serve_timeout) as server:
+        print(f"    server ready after {server.ready_seconds:.0f} s", flush=True)
+        sent = time.perf_counter()
+        with ThreadPoolExecutor(len(requests)) as pool:
+            replies = list(pool.map(lambda r: server.post(*r, timeout=args.serve_timeout), requests))
+        answered = time.perf_counter() - sent
+    total = time.perf_counter() - started
+    kinds = [path for path, _ in requests]
+    got = []
+    for (path, body), reply in zip(requests, replies):
+        choice = reply["choices"][0]
+        ids = body["prompt"] if "prompt" in body else reply.get("prompt_token_ids")
+        if ids is None or choice.get("token_ids") is None:
+            raise RuntimeError(f"(serve-http) {path} returned no token ids (return_token_ids): {str(reply)[:300]}")
+        got.append((list(ids), list(choice["token_ids"])))
+    distinct = list(dict.fromkeys(tuple(ids) for ids, _ in got))
+    print(f"    {len(replies)} replies in {answered:.1f} s; chat prompts == local chat template: "
+          f"{[got[i + len(prompts)][0] == prompts[i].ids for i in range(len(prompts))]}; press side ...", flush=True)
+    ref = press_side(args.model, [Prompt("serve", list(ids), None) for ids in distinct], [budget], tokens)
+    eos = set(ref["eos"]) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    press_tokens = {ids: toks for ids, toks in zip(distinct, ref[budget]["tokens"])}
+    diffs = [first_difference(until_eos(toks, eos), until_eos(press_tokens[tuple(ids)], eos)) for ids, toks in got]
+    kept = load_kept(dump)
+    compressed = [ids in kept for ids in distinct]
+    agree = kept_agreement([kept[ids] for ids in distinct if ids in kept],
+                           [k for ids, k in zip(distinct, ref[budget]["kept"]) if ids in kept])
+    same = all(d is None for d in diffs)
+    ok = same and all(compressed)
+    print(f"(serve-http) replies == press on {sum(d is None for d in diffs)}/{len(diffs)} requests ({kinds}; first "
+          f"differing token: {diffs}); prompts compressed by the plugin: {sum(compressed)}/{len(distinct)}; kept "
+          f"positions shared with press: {agree:.4f}; start {server.ready_seconds:.0f} s, whole part {total:.0f} s",
+          flush=True)
+    if not ok:
+        log = work / "serve.log"
+        print(f"(serve-http) FAILED; server log {log} (last lines):\n{vllm_serve.log_tail(log)}", flush=True)
+    return {"machine": machine(), "command": cmd, "budget": budget, "prompt_tokens": [len(ids) for ids in distinct],
+            "requests": kinds, "max_tokens": tokens, "replies_equal_press": same, "first_difference": diffs,
+            "compressed_prompts": sum(compressed), "kept_positions_agreement": agree,
+            "texts": [r["choices"][0].get("text", r["choices"][0].get("message", {}).get("content")) for r in replies],
+            "start_seconds": server.ready_seconds, "requests_seconds": answered, "seconds": total, "ok": bool(ok)}
+
+
 def merge_capacity(old: dict | None, new: dict) -> dict:
     """Rows of an earlier run with the same pool and prompts are kept unless rerun now (runs are long)."""
     same = old is not None and all(old.get(k) == new[k] for k in ("pool_bytes", "prompt_tokens", "output_tokens"))
@@ -549,9 +640,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="transformers folder (make vllm-env)")
-    ap.add_argument("--parts", default="a,b,c,d,e,f",
+    ap.add_argument("--parts", default="a,b,c,d,e,f,serve-http",
                     help="which checks: a,b (equality, press), c (capacity), d (per-layer/per-head block needs), "
-                         "e (preemption), f (tensor parallelism)")
+                         "e (preemption), f (tensor parallelism), serve-http (`vllm serve` over HTTP against the "
+                         "press)")
     ap.add_argument("--block-size", type=int, default=32, help="vLLM block size (CPU kernels: a multiple of 32)")
     ap.add_argument("--press-n", type=int, default=1, help="prompts per task for (a)/(b)")
     ap.add_argument("--press-length", type=int, default=600)
@@ -578,8 +670,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--preempt-chunk", type=int, default=256, help="max_num_batched_tokens of (e)")
     ap.add_argument("--tp-size", type=int, default=3,
                     help="tensor-parallel size of (f) (must divide the model's KV heads: SmolLM2-135M has 3)")
+    ap.add_argument("--serve-budget", type=int, default=64, help="SnapKV+MixKV budget of serve-http")
+    ap.add_argument("--serve-timeout", type=float, default=300.0,
+                    help="seconds serve-http waits for the server to start, and for each reply")
+    ap.add_argument("--serve-eager", action=argparse.BooleanOptionalAction, default=True,
+                    help="serve-http passes --enforce-eager (as the other parts; without it vLLM compiles the model "
+                         "at start-up, minutes on two cores)")
     ap.add_argument("--json", type=Path, default=ROOT / "results" / "vllm-capacity.json")
     args = ap.parse_args(argv)
+    unknown_parts = set(args.parts.split(",")) - set(ap.get_default("parts").split(","))
+    if unknown_parts:
+        ap.error(f"--parts: unknown {sorted(unknown_parts)}; accepted: {ap.get_default('parts')}")
     args.press_budgets = [int(b) for b in args.press_budgets.split(",")]
     args.preempt_methods = [m.strip() for m in args.preempt_methods.split(",")]
     unknown = set(args.preempt_methods) - {"snapkv+mixkv", "full"}
@@ -622,6 +723,13 @@ def main(argv=None) -> int:
         if "f" in parts:
             report["tensor_parallel"] = part_tensor_parallel(args, tokenizer, work)
             ok &= report["tensor_parallel"]["ok"]
+        if "serve-http" in parts:
+            try:
+                report["serve_http"] = part_serve_http(args, tokenizer, work)
+            except vllm_serve.ServerError as error:
+                print(f"(serve-http) FAILED: {error}", flush=True)
+                report["serve_http"] = {"ok": False, "error": str(error).splitlines()[0]}
+            ok &= report["serve_http"]["ok"]
     # What produced this file: a run of every part replaces the list, a partial run adds to it.
     run = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["scripts/vllm_check.py", *raw_args]),
            "parts": ",".join(sorted(parts)), "ok": bool(ok)}
@@ -631,7 +739,7 @@ def main(argv=None) -> int:
         print_table(report["capacity"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}; {'OK' if ok else 'DIFFERENCES FOUND'}")
+    print(f"wrote {args.json}; {'OK' if ok else 'FAILED: differences found, or a server that did not start (above)'}")
     return 0 if ok else 1
 
 

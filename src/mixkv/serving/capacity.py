@@ -24,6 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from ..core import defaults
+from ..core.registry import allocation_of, available_methods
 from .shapes import ModelShape
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
@@ -43,29 +44,15 @@ VLLM_NULL_BLOCKS = 1
 VLLM_MAX_NUM_SEQS = 1024
 """vLLM 0.32's default cap on requests scheduled at once on GPUs with >= 70 GiB (256 on smaller ones)."""
 
-BUDGET_KINDS = {
-    "snapkv": "uniform",
-    "random": "uniform",
-    "pyramidkv": "per-layer",
-    "adakv": "per-head",
-    "sparsemm": "per-head",
-    "headkv": "per-head",
-}
-"""How each base spreads its budget; a ``+mixkv`` wrapper changes scores only, so it keeps its base's kind."""
-
-WRAPPERS = ("mixkv",)
-
-
 def budget_kind(method: str) -> str:
-    """``full``, ``uniform`` (same budget for every head), ``per-layer`` or ``per-head``."""
-    key = method.strip().lower()
-    if key == "full":
-        return "full"
-    base, _, wrapper = key.partition("+")
-    if base not in BUDGET_KINDS or (wrapper and wrapper not in WRAPPERS):
-        known = ", ".join(["full", *BUDGET_KINDS, *(f"{b}+{w}" for w in WRAPPERS for b in BUDGET_KINDS)])
-        raise ValueError(f"the capacity planner does not know how {method!r} spreads its budget; known: {known}")
-    return BUDGET_KINDS[base]
+    """``full``, ``uniform`` (same budget for every head), ``per-layer`` or ``per-head``: the method's
+    declared :class:`~mixkv.core.methods.base.Allocation` (a ``+mixkv`` wrapper keeps its base's)."""
+    try:
+        allocation = allocation_of(method)
+    except ValueError:
+        raise ValueError(f"the capacity planner does not know how {method!r} spreads its budget; "
+                         f"known: {', '.join(available_methods())}") from None
+    return "full" if allocation is None else allocation.value
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> None:

@@ -4,7 +4,7 @@ The interface every method satisfies is :class:`~mixkv.core.methods.base.Method`
 """
 
 from .adakv import AdaKV
-from .base import BudgetedMethod, Method, ScoreWrapper
+from .base import Allocation, BudgetedMethod, Method, ScoreWrapper
 from .headkv import HeadKV
 from .mixkv import MixKV
 from .pyramidkv import PyramidKV
@@ -12,5 +12,5 @@ from .random import RandomKV
 from .snapkv import SnapKV
 from .sparsemm import SparseMM
 
-__all__ = ["AdaKV", "BudgetedMethod", "HeadKV", "Method", "MixKV", "PyramidKV", "RandomKV", "ScoreWrapper",
-           "SnapKV", "SparseMM"]
+__all__ = ["AdaKV", "Allocation", "BudgetedMethod", "HeadKV", "Method", "MixKV", "PyramidKV", "RandomKV",
+           "ScoreWrapper", "SnapKV", "SparseMM"]

@@ -12,7 +12,7 @@ import torch
 
 from .. import budgets, defaults
 from ..layer import LayerPrefill
-from .base import BudgetedMethod
+from .base import Allocation, BudgetedMethod
 
 
 @dataclass
@@ -27,6 +27,7 @@ class AdaKV(BudgetedMethod):
     floor: float = defaults.ADAKV_FLOOR
     normalize: bool = True
     name = "adakv"
+    allocation = Allocation.PER_HEAD
 
     def __post_init__(self) -> None:
         super().__post_init__()

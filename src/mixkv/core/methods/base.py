@@ -7,7 +7,7 @@ A method answers two questions about one layer's prefill (a :class:`~mixkv.core.
 
 The observation window (the last ``window`` prompt tokens) is always kept on top; a sequence
 whose real prompt fits ``budget_per_sequence`` is not compressed. Methods never touch the model
-or the cache: :func:`mixkv.core.selection.plan_keep` turns their answers into kept positions.
+or the cache: :func:`mixkv.core.selection.plan_layer` turns their answers into kept positions.
 
 Two kinds of method exist, both subclasses of :class:`Method`:
 
@@ -17,8 +17,9 @@ Two kinds of method exist, both subclasses of :class:`Method`:
   (MixKV). Everything else is the base's, delegated once here, so a wrapper is a few lines.
 
 A third-party method is one file: subclass one of the two, register it with
-:func:`mixkv.core.registry.register` if it should have a name. The maths of every built-in
-method is in ``docs/method.md``.
+:func:`mixkv.core.registry.register_base` (or ``register_wrapper``) if it should have a name, and
+declare its ``allocation`` (uniform, per layer, per head) so the planner and the vLLM plugin know it.
+The maths of every built-in method is in ``docs/method.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
 
 import torch
 
@@ -34,10 +37,23 @@ from ..layer import LayerPrefill
 from ..models import ModelInfo
 
 
+class Allocation(str, Enum):
+    """How a method spreads its budget over layers and heads: what a paged engine must page by."""
+
+    UNIFORM = "uniform"  # the same number of tokens in every layer and head
+    PER_LAYER = "per-layer"  # the same in every head of a layer, varying with depth (PyramidKV)
+    PER_HEAD = "per-head"  # varying by head (AdaKV, SparseMM, HeadKV)
+
+
 class Method(ABC):
     """What :func:`mixkv.press` needs from a method (see the module docstring)."""
 
     name: str = "method"
+    allocation: ClassVar[Allocation] = Allocation.PER_HEAD
+    """Declared trait, read by the registry's users (the capacity planner, the vLLM plugin, which serves
+    ``UNIFORM`` methods): never decided from a method's name. Undeclared: per-head, the most general."""
+    profile_field: ClassVar[str | None] = None
+    """The constructor parameter a calibration profile goes to (``make_method(..., profile=)``), if any."""
 
     @property
     @abstractmethod
@@ -177,6 +193,10 @@ class ScoreWrapper(Method):
     @property
     def name(self) -> str:  # type: ignore[override]
         return f"{self.base.name}+{self.suffix}"
+
+    @property
+    def allocation(self) -> Allocation:  # type: ignore[override]
+        return self.base.allocation  # a wrapper changes scores inside heads, never the allocation
 
     @property
     def window(self) -> int:

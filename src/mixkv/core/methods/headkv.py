@@ -22,7 +22,7 @@ from .. import budgets, defaults
 from ..layer import LayerPrefill
 from ..models import ModelInfo
 from ..profiles import Profile, require_scores
-from .base import BudgetedMethod
+from .base import Allocation, BudgetedMethod
 
 
 @dataclass
@@ -57,6 +57,8 @@ class HeadKV(BudgetedMethod):
     retrieval_scores: Profile | str | Path | None = None
     beta: float = defaults.HEADKV_BETA
     name = "headkv"
+    allocation = Allocation.PER_HEAD
+    profile_field = "retrieval_scores"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,7 +12,7 @@ import torch
 
 from .. import budgets, defaults
 from ..layer import LayerPrefill
-from .base import BudgetedMethod
+from .base import Allocation, BudgetedMethod
 
 
 @dataclass
@@ -25,6 +25,7 @@ class PyramidKV(BudgetedMethod):
 
     beta: float = defaults.PYRAMID_BETA
     name = "pyramidkv"
+    allocation = Allocation.PER_LAYER
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,7 +8,7 @@ import torch
 
 from .. import budgets
 from ..layer import LayerPrefill
-from .base import BudgetedMethod
+from .base import Allocation, BudgetedMethod
 
 
 @dataclass
@@ -22,6 +22,7 @@ class RandomKV(BudgetedMethod):
 
     seed: int = 0
     name = "random"
+    allocation = Allocation.UNIFORM
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,7 +12,7 @@ import torch
 
 from .. import budgets
 from ..layer import LayerPrefill
-from .base import BudgetedMethod
+from .base import Allocation, BudgetedMethod
 
 
 @dataclass
@@ -24,6 +24,7 @@ class SnapKV(BudgetedMethod):
     """
 
     name = "snapkv"
+    allocation = Allocation.UNIFORM
 
     def allocate(self, layer: LayerPrefill) -> torch.Tensor:
         return budgets.uniform_counts(self.candidates_per_sequence(layer), layer.n_cand, layer.num_kv_heads)

@@ -15,7 +15,7 @@ from .. import budgets, defaults
 from ..layer import LayerPrefill
 from ..models import ModelInfo
 from ..profiles import Profile, require_scores
-from .base import BudgetedMethod
+from .base import Allocation, BudgetedMethod
 
 
 @dataclass
@@ -31,6 +31,8 @@ class SparseMM(BudgetedMethod):
     head_scores: Profile | str | Path | None = None
     ratio_uniform: float = defaults.SPARSEMM_RATIO
     name = "sparsemm"
+    allocation = Allocation.PER_HEAD
+    profile_field = "head_scores"
 
     def __post_init__(self) -> None:
         super().__post_init__()

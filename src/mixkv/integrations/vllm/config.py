@@ -35,18 +35,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mixkv.core import defaults
-from mixkv.core.methods.base import Method
-from mixkv.core.registry import available_methods, make_method
+from mixkv.core.methods.base import Allocation, Method
+from mixkv.core.registry import allocation_of, available_methods, make_method
 
 ENV_METHOD = "MIXKV_VLLM_METHOD"
 ENV_BUDGET = "MIXKV_VLLM_BUDGET"
 ENV_WINDOW = "MIXKV_VLLM_WINDOW"
 ENV_TRACE = "MIXKV_VLLM_TRACE"
 ENV_DUMP = "MIXKV_VLLM_DUMP"
-DEFAULT_BUDGET = 128
+DEFAULT_BUDGET = defaults.SERVING_BUDGET
 
-# Bases whose allocation is the same number of tokens in every layer and head.
-UNIFORM_BASES = ("snapkv", "random")
+# Why a declared allocation other than uniform cannot be served yet (the method's trait decides, not its name).
 WHY_NOT = {
     "pyramidkv": "PyramidKV gives layers different budgets; vLLM 0.32 has one block table per request for "
                  "all layers, so every layer would be sized for the largest (see docs/serving.md)",
@@ -99,8 +98,9 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | 
     if name != "full" and name not in available_methods():
         raise ValueError(f"{ENV_METHOD}={raw!r} is not a mixkv method; accepted here: "
                          f"{', '.join(accepted_methods())}")
-    if name != "full" and base not in UNIFORM_BASES:
-        reason = WHY_NOT.get(base, f"{base} does not keep the same number of tokens in every head and layer")
+    if name != "full" and allocation_of(name) is not Allocation.UNIFORM:
+        reason = WHY_NOT.get(base, f"{base} does not keep the same number of tokens in every head and layer "
+                                   f"(its allocation is {allocation_of(name).value})")
         raise ValueError(f"{ENV_METHOD}={raw!r} is not supported by the vLLM plugin yet: {reason}. "
                          f"Accepted: {', '.join(accepted_methods())}")
     budget = _int_var(env, ENV_BUDGET, DEFAULT_BUDGET)
@@ -119,4 +119,4 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | 
 
 def accepted_methods() -> list[str]:
     """Names the plugin accepts: ``full`` and every uniform base, alone or wrapped."""
-    return ["full"] + [m for m in available_methods() if m.partition("+")[0] in UNIFORM_BASES]
+    return ["full"] + [m for m in available_methods() if allocation_of(m) is Allocation.UNIFORM]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ...core import defaults
 from ...core.io import write_json_atomic
 from ...testbeds.smollm2 import ensure_smollm2, load_pretrained
 from ...testbeds.sources import SMOLLM2
@@ -31,9 +32,9 @@ def compare_settings(methods: Sequence[str], budget: int | None, compression_rat
 
 
 def run_compare(model_name: str = SMOLLM2, contexts: Sequence[int] = (1024, 2048, 4096),
-                budget: int | None = 128, compression_ratio: float | None = None,
+                budget: int | None = defaults.SERVING_BUDGET, compression_ratio: float | None = None,
                 methods: Sequence[str] = METHODS, tasks: Sequence[str] = ("passkey",), n: int = 6, seed: int = 0,
-                window: int = 32, max_new_tokens: int = 10, decode_steps: int = 16, threads: int = 1,
+                window: int = defaults.WINDOW, max_new_tokens: int = 10, decode_steps: int = 16, threads: int = 1,
                 work_dir: Path | str = "out/compare", gguf: Path | None = None, kvpress_results: Path | None = None,
                 allow_setup: bool = True, record_kept: bool = True, crosscheck: bool = True,
                 kvpress_venv: Path | None = None, log: Callable[[str], None] = print) -> dict:

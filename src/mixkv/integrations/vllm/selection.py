@@ -1,7 +1,7 @@
 """Which tokens each KV head keeps: mixkv's own scoring and selection, called on one request's layer.
 
 This is the only place the plugin touches the method, and it goes through the same
-:class:`~mixkv.core.layer.LayerPrefill` record and :func:`~mixkv.core.selection.plan_keep` that
+:class:`~mixkv.core.layer.LayerPrefill` record and :func:`~mixkv.core.selection.plan_layer` that
 ``mixkv.press`` uses, so the engine and the library cannot drift apart.
 """
 
@@ -11,7 +11,7 @@ import torch
 
 from mixkv.core.layer import LayerPrefill
 from mixkv.core.methods.base import Method
-from mixkv.core.selection import plan_keep
+from mixkv.core.selection import plan_layer
 
 
 def kept_positions(method: Method, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -27,8 +27,11 @@ def kept_positions(method: Method, queries: torch.Tensor, keys: torch.Tensor, va
         queries=queries[None].float(), keys=keys[None].float(), values=values[None].float(),
         scaling=scaling, window=method.window, kernel=method.kernel,
     )
-    plan = plan_keep(method, record)
+    plan = plan_layer(method, record)
     budget = int(method.budget_per_sequence(record)[0])
+    if plan is None:
+        raise RuntimeError(f"a prompt of {keys.shape[1]} tokens fits the budget ({budget}) and is not compressed; "
+                           "the plugin's compression rule should not have chosen it")
     lengths = plan.lengths[0]
     if not bool((lengths == budget).all()):
         raise RuntimeError(f"{method.name} kept {lengths.tolist()} tokens per head in layer {layer_idx}; the vLLM "

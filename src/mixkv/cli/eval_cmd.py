@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=20,
                    help="the LLM answers with a sentence before the value: 10 tokens can cut it off")
     p.add_argument("--profile", default=None,
-                   help="calibration profile (SparseMM head scores, HeadKV retrieval scores, offline redundancy)")
+                   help="calibration profile (SparseMM head scores, HeadKV retrieval scores, offline redundancy); "
+                        "default: the profile shipped for smollm2-135m, toy-vlm and toy-vlm-24 when a method needs one")
     p.add_argument("--redundancy", default="online", choices=["online", "profile"])
     p.add_argument("--stack", type=positive_int, default=1,
                    help="decode up to this many compressed (method, budget) runs of a prompt as one batch: the same "
@@ -130,6 +131,15 @@ def _task_names(args) -> list[str]:
     return task_suite.validate_tasks(parse_list(args.tasks or ",".join(task_suite.TASKS)))
 
 
+def shipped_profile_for(config: EvalConfig, model: str) -> str | None:
+    """The profile shipped for ``model`` when a method of ``config`` needs one and none was given."""
+    shipped = sources.shipped_profile(model)
+    if shipped is None or not config.uses_profile():
+        return None
+    print(f"profile: the one shipped for {model} ({shipped}); --profile PATH to use another")
+    return str(shipped)
+
+
 def run(args) -> int:
     if args.from_json:
         return replot(args)
@@ -146,6 +156,8 @@ def run(args) -> int:
     config = EvalConfig(methods=parse_list(args.methods), budgets=parse_list(args.budgets, int),
                         max_new_tokens=args.max_new_tokens, window=args.window, profile=args.profile,
                         redundancy=args.redundancy, stack=args.stack)
+    if config.profile is None:
+        config.profile = shipped_profile_for(config, args.model)
     config.validate()
     if args.gap_plot and args.gap_budget not in config.budgets:
         raise ValueError(f"--gap-budget {args.gap_budget} is not among --budgets {list(config.budgets)}; "

@@ -72,6 +72,18 @@ def allocation_of(name: str) -> Allocation | None:
     return BASES[key.partition("+")[0]].allocation
 
 
+def needs_profile(name: str, redundancy: str | None = defaults.REDUNDANCY) -> bool:
+    """Whether the method of this name reads a calibration profile: its base declares a ``profile_field``,
+    or it is wrapped with ``redundancy="profile"``."""
+    key = name.strip().lower()
+    if key == "full":
+        return False
+    base, _, wrapper = key.partition("+")
+    if base not in BASES:
+        return False
+    return BASES[base].profile_field is not None or (bool(wrapper) and redundancy == "profile")
+
+
 def describe_method(name: str) -> str:
     base, _, wrapper = name.partition("+")
     if wrapper:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..core import defaults
 from ..core.capture import capture_prefill
-from ..core.registry import make_method
+from ..core.registry import make_method, needs_profile
 from .run import MethodRun, run_method, run_methods_stacked
 
 
@@ -63,15 +63,16 @@ class EvalConfig:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
         if isinstance(self.stack, bool) or not isinstance(self.stack, int) or self.stack < 1:
             raise ValueError(f"stack must be a positive int (runs decoded per batch), got {self.stack!r}")
-        names = [m.strip().lower() for m in self.methods]
-        uses_profile = any(m.startswith(("sparsemm", "headkv")) for m in names) or (
-            self.redundancy == "profile" and any(m.endswith("+mixkv") for m in names))
-        if self.profile is not None and not uses_profile:
+        if self.profile is not None and not self.uses_profile():
             raise ValueError("a profile was given but no method would use it (sparsemm, headkv, or a +mixkv method "
                              "with redundancy 'profile'); drop the profile, add such a method or pass --redundancy "
                              "profile")
         for name, budget in self.grid():
             self.make(name, budget)  # raises a clear error for bad names / budgets / missing profiles
+
+    def uses_profile(self) -> bool:
+        """Some method of the grid reads a calibration profile (by its declared trait, not its name)."""
+        return any(needs_profile(m, self.redundancy) for m in self.methods)
 
     def make(self, name: str, budget: int | None):
         if budget is None:

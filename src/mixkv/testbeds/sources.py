@@ -38,6 +38,17 @@ def toy_vlm_config(name: str) -> dict[str, Any]:
     return read_config(shipped_weights(name))
 
 
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+def shipped_profile(name: str) -> Path | None:
+    """The calibration profile shipped for a model name (``mixkv calibrate`` on its own generated data:
+    SparseMM head scores, HeadKV retrieval scores, offline redundancy), or None for other models."""
+    key = TOY_VLM if name == "toyvlm" else name
+    path = PROFILES_DIR / f"{key}.json"
+    return path if key in NAMES and path.is_file() else None
+
+
 def check_model_name(name: str) -> str:
     """Raise a clear error unless ``name`` is a known model, a local directory or a hub id."""
     if not isinstance(name, str) or not name:

@@ -117,12 +117,12 @@ class Compressor:
             self.decoding.new_prompt()
 
     def compress(self, idx: int, cache, queries: torch.Tensor, scaling: float, action: LayerAction,
-                 forward: Forward, rows: list[int] | None = None, method: Method | None = None) -> None:
+                 forward: Forward, rows: list[int] | None = None) -> None:
         """Compress what layer ``idx`` holds now, scored by the last ``W`` ``queries``: a first prompt
         (``PREFILL``; in capture mode handed to ``on_capture`` instead), the kept tokens with a later
         turn's segment (``SEGMENT``), or with decoded tokens (``APPEND``: a decode-time re-scoring, with
         the decode budget). ``rows``: only these sequences (the others keep all they hold); None: all."""
-        method = method or (self.decode_method if action is LayerAction.APPEND else self.method)
+        method = self.decode_method if action is LayerAction.APPEND else self.method
         layer = cache.layers[idx]
         mask = forward.attention_mask
         keys, values, valid, logical = held_tokens(layer, mask)

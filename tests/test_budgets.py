@@ -264,3 +264,15 @@ def test_batch_rows_fitting_their_budget_keep_everything(fn):
     assert got.shape == (2, h)
     assert got[1].tolist() == [12] * h
     assert (got[0] <= 50).all() and (got[0] > 0).all()
+
+
+def test_pyramid_schedule_exact_vs_the_authors_integer_steps():
+    """30 layers, base 32 (B=64, W=32): ours floors an exact schedule (62..1, mean 31.5, within the budget);
+    the authors floor min and the step first (63..5, mean 34: the overspend measured in their code)."""
+    def schedule(integer_steps):
+        return [int(budgets.pyramid_counts(T(32), T(1000), layer, 30, 1, 20.0, integer_steps)[0, 0])
+                for layer in range(30)]
+
+    ours, theirs = schedule(False), schedule(True)
+    assert ours[:2] == [62, 60] and ours[-6:] == [12, 9, 7, 5, 3, 1] and sum(ours) == 945
+    assert theirs[:2] == [63, 61] and theirs[-6:] == [15, 13, 11, 9, 7, 5] and sum(theirs) == 1020

@@ -72,18 +72,21 @@ def uniform_counts(cand_budget: torch.Tensor, n_cand: torch.Tensor, num_heads: i
 
 def pyramid_counts(
     cand_budget: torch.Tensor, n_cand: torch.Tensor, layer_idx: int, num_layers: int, num_heads: int,
-    beta: float = defaults.PYRAMID_BETA,
+    beta: float = defaults.PYRAMID_BETA, integer_steps: bool = False,
 ) -> torch.Tensor:
     """PyramidKV: a linear schedule from ``max`` (bottom) to ``min`` (top), computed per prompt.
 
     ``min = base / beta``, ``max = 2 base - min`` (``base = cand_budget``); when ``max`` exceeds
-    the candidates it is clipped and ``min`` raised so the mean over layers stays ``base``.
-    Counts are truncated to integers, as in PyramidKV's reference code; a one-layer model keeps
-    ``base``. Recomputed for every prompt (the authors' code caches the first prompt's schedule:
-    a bug when prompt lengths differ).
+    the candidates it is clipped and ``min`` raised so the mean over layers stays ``base``. The
+    schedule is exact and each layer's count is floored, so the model keeps at most ``base`` per
+    head on average (a 30-layer model at base 32: 62..1, mean 31.5). ``integer_steps=True`` is the
+    authors' schedule: ``min`` and the per-layer step are floored first and counts go down from
+    ``max = 2 base - min`` in whole steps, which overspends (the same model: 63..5, mean 34). A
+    one-layer model keeps ``base``. Recomputed for every prompt (the authors' code caches the first
+    prompt's schedule: a bug when prompt lengths differ).
     """
     base_f = cand_budget.double()
-    lo = base_f / beta
+    lo = torch.floor(base_f / beta) if integer_steps else base_f / beta
     hi = 2 * base_f - lo
     clip = hi >= n_cand.double()
     hi = torch.where(clip, n_cand.double(), hi)
@@ -91,6 +94,8 @@ def pyramid_counts(
     if num_layers == 1:  # a one-level pyramid keeps the average
         hi = lo = base_f
     step = (hi - lo) / max(num_layers - 1, 1)
+    if integer_steps:
+        step = torch.floor(step)
     count = torch.floor(hi - layer_idx * step + 1e-9).long()
     count = torch.minimum(count.clamp_min(0), n_cand)
     # A prompt that fits its budget is not compressed at all.

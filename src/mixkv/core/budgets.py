@@ -78,9 +78,15 @@ def pyramid_counts(
 
     ``min = base / beta``, ``max = 2 base - min`` (``base = cand_budget``); when ``max`` exceeds
     the candidates it is clipped and ``min`` raised so the mean over layers stays ``base``.
-    Counts are truncated to integers, as in PyramidKV's reference code; a one-layer model keeps
-    ``base``. Recomputed for every prompt (the authors' code caches the first prompt's schedule:
-    a bug when prompt lengths differ).
+    ``min``, ``max`` and the step ``(max - min) / (L - 1)`` stay real numbers; only each layer's
+    count ``floor(max - layer_idx * step)`` is truncated, so the layers never keep more than
+    ``L * base`` in total (less than one token per layer short of it). This differs from PyramidKV's
+    reference code (and the MixKV authors'), which rounds ``min`` and the step down to integers
+    first and so overspends: 30 layers, budget 64 (``base`` 32) keep ``63 - 2 l`` there, 15..5 in
+    the top six layers and 34 per head on average, against 12..1 and 31.5 here (``docs/method.md``,
+    "Where this library deliberately differs"). A one-layer model keeps ``base``. Recomputed for
+    every prompt (the authors' code caches the first prompt's schedule: a bug when prompt lengths
+    differ).
     """
     base_f = cand_budget.double()
     lo = base_f / beta

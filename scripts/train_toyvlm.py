@@ -7,7 +7,7 @@ Recipe (LLaVA-style, on a pretrained LM; see src/mixkv/testbeds/toyvlm/weights/M
    out of the projector close to the LM's input embedding of the word(s) that describe the cell --
    ``" blank"`` for background, ``" red" + " star"`` for a red star, ``"K"`` for the glyph K. Loss:
    relative squared error to that target plus a cosine-softmax classification over all cell words.
-   On grids other than 16 (``--grid 24``, v2: docs/toyvlm-v2.md) the boards are tagged: the two tag
+   On grids other than 16 (``--grid 24``, v2: docs/toyvlm.md) the boards are tagged: the two tag
    cells right of each shape must come out as the words of its row and column (``" E"``, ``" l"``, the
    words grounding replies use), and an auxiliary probe makes every patch's vision feature tell its
    row and column.

@@ -1,15 +1,22 @@
 """mixkv: KV-cache compression for Hugging Face VLMs and LLMs (MixKV and its base methods).
 
-The package is laid out in three layers, with imports only pointing down:
+The package has six subpackages; imports point one way, and :mod:`mixkv.core` imports none of the
+others:
 
 * :mod:`mixkv.core`: the compression itself (scores, budgets, methods, cache, attention, press);
-* :mod:`mixkv.lab`: experiments on top of it (evaluation, benchmarks, calibration, analysis,
-  the kvpress comparison, figures and tables);
-* :mod:`mixkv.cli`: the ``mixkv`` command, argument parsing only.
+  the classes and functions exported here come from it;
+* :mod:`mixkv.lab`: experiments on top of the core (evaluation, benchmarks, calibration, analysis,
+  the kvpress comparison, figures and tables); uses the core and the testbeds;
+* :mod:`mixkv.testbeds`: models and data for the lab, offline (SmolLM2 from a PyPI wheel, the
+  generated text suite, the toy VLMs); imports no other subpackage;
+* :mod:`mixkv.cli`: the ``mixkv`` command, argument parsing and early checks; uses the core,
+  the lab, the testbeds and serving;
+* :mod:`mixkv.integrations`: plugins of other programs (vLLM, lmms-eval), each run in that program's
+  own environment; use the core and the testbeds, never the lab or the command line;
+* :mod:`mixkv.serving`: serving maths without torch (model shapes, requests per KV pool); uses only
+  the core.
 
-:mod:`mixkv.testbeds` provides models and data for the lab (SmolLM2 from a PyPI wheel, the
-generated text suite, the toy VLM); it uses the core, never the lab. The method spec is
-``docs/method.md``.
+``tests/test_layout.py`` checks what each must not import. The method spec is ``docs/method.md``.
 """
 
 from .core.versions import check_versions

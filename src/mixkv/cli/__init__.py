@@ -1,1 +1,2 @@
-"""The ``mixkv`` command: demo, eval, bench."""
+"""The ``mixkv`` command (:mod:`mixkv.cli.main`), one module per subcommand: ``demo``, ``eval``
+(``eval_cmd``), ``calibrate``, ``analyze``, ``compare``, ``bench`` and ``capacity``."""

@@ -77,13 +77,16 @@ def pyramid_counts(
     """PyramidKV: a linear schedule from ``max`` (bottom) to ``min`` (top), computed per prompt.
 
     ``min = base / beta``, ``max = 2 base - min`` (``base = cand_budget``); when ``max`` exceeds
-    the candidates it is clipped and ``min`` raised so the mean over layers stays ``base``. The
-    schedule is exact and each layer's count is floored, so the model keeps at most ``base`` per
-    head on average (a 30-layer model at base 32: 62..1, mean 31.5). ``integer_steps=True`` is the
-    authors' schedule: ``min`` and the per-layer step are floored first and counts go down from
-    ``max = 2 base - min`` in whole steps, which overspends (the same model: 63..5, mean 34). A
-    one-layer model keeps ``base``. Recomputed for every prompt (the authors' code caches the first
-    prompt's schedule: a bug when prompt lengths differ).
+    the candidates it is clipped and ``min`` raised so the mean over layers stays ``base``.
+    ``min``, ``max`` and the step ``(max - min) / (L - 1)`` stay real numbers; only each layer's
+    count ``floor(max - layer_idx * step)`` is truncated, so the layers never keep more than
+    ``L * base`` in total (less than one token per layer short of it). PyramidKV's reference code
+    (and the MixKV authors') rounds ``min`` and the step down to integers first and so overspends:
+    30 layers, budget 64 (``base`` 32) keep ``63 - 2 l`` there, 15..5 in the top six layers and 34
+    per head on average, against 12..1 and 31.5 here; ``integer_steps=True`` gives that schedule
+    (``PyramidKV(schedule="authors")``), to compare with the paper's numbers. A one-layer model keeps
+    ``base``. Recomputed for every prompt (the authors' code caches the first prompt's schedule: a bug
+    when prompt lengths differ).
     """
     base_f = cand_budget.double()
     lo = torch.floor(base_f / beta) if integer_steps else base_f / beta

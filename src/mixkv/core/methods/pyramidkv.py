@@ -19,8 +19,14 @@ from .base import Allocation, BudgetedMethod
 class PyramidKV(BudgetedMethod):
     """Per-layer budgets from :func:`~mixkv.core.budgets.pyramid_counts`, recomputed for every prompt.
 
+    The linear schedule is computed in real numbers and each layer's count floored, so the layers
+    never keep more than the budget in total; PyramidKV's reference code rounds the minimum and the
+    step to integers first and keeps a little more (30 layers, budget 64: a mean of 34 candidates
+    per head against 31.5 here; ``docs/method.md``).
+
     Parameters: ``budget`` / ``ratio``, ``window``, ``kernel`` as for every base; ``beta``
-    (default 20): the top layer keeps ``(budget - window) / beta`` candidates.
+    (default 20): the top layer keeps ``(budget - window) / beta`` candidates, floored (more when a
+    short prompt clips the schedule).
     """
 
     beta: float = defaults.PYRAMID_BETA

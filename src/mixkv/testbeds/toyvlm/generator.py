@@ -256,7 +256,7 @@ def make_scene(seed: int, n_shapes: tuple[int, int] = (3, 5), grid: int = GRID, 
     each shape, like the labels next to an icon in a GUI: a row tag (one pointer) and a column tag (two
     pointers), whose visual tokens carry the words ``" E"`` and ``" l"`` of the shape's cell. Why: a
     visual token that sums content and position (``" red" + " star" + " E" + " l"``) did not train on
-    these CPUs (docs/toyvlm-v2.md), while "find the token after the red star and copy it" is the
+    these CPUs (docs/toyvlm.md), while "find the token after the red star and copy it" is the
     induction pattern a pretrained LM already has.
 
     ``numbers`` (default: as ``tags``) writes a list number left of each shape, 1..k in reading order (the

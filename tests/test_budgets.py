@@ -276,3 +276,13 @@ def test_pyramid_schedule_exact_vs_the_authors_integer_steps():
     ours, theirs = schedule(False), schedule(True)
     assert ours[:2] == [62, 60] and ours[-6:] == [12, 9, 7, 5, 3, 1] and sum(ours) == 945
     assert theirs[:2] == [63, 61] and theirs[-6:] == [15, 13, 11, 9, 7, 5] and sum(theirs) == 1020
+
+
+def test_pyramidkv_authors_schedule_by_name_and_bad_schedule():
+    import mixkv
+
+    exact = mixkv.make_method("pyramidkv+mixkv", budget=64)
+    authors = mixkv.make_method("pyramidkv+mixkv", budget=64, schedule="authors")
+    assert exact.base.schedule == "exact" and authors.base.schedule == "authors"
+    with pytest.raises(ValueError, match="schedule must be 'exact'"):
+        mixkv.make_method("pyramidkv", budget=64, schedule="paper")

@@ -18,6 +18,7 @@ from .methods import (
     Method,
     MixKV,
     PyramidKV,
+    PyramidKVAuthors,
     RandomKV,
     ScoreWrapper,
     SnapKV,
@@ -47,6 +48,8 @@ def register_wrapper(name: str, cls: type[ScoreWrapper], description: str) -> No
 
 register_base("snapkv", SnapKV, "SnapKV: pooled attention of the last window; same budget for every head")
 register_base("pyramidkv", PyramidKV, "PyramidKV: SnapKV scores, budgets decreasing linearly with depth")
+register_base("pyramidkv-authors", PyramidKVAuthors, "PyramidKV at its reference code's schedule (integer "
+              "steps: overspends the budget slightly); for comparison with published numbers")
 register_base("adakv", AdaKV, "AdaKV: SnapKV scores, the layer's budget shared among heads by attention concentration")
 register_base("sparsemm", SparseMM, "SparseMM: per-head budgets from a visual-head profile (needs profile=...)")
 register_base("headkv", HeadKV, "HeadKV: per-head budgets from a retrieval-reasoning profile, one pool for the "

@@ -7,10 +7,10 @@ from .adakv import AdaKV
 from .base import Allocation, BudgetedMethod, Method, ScoreWrapper
 from .headkv import HeadKV
 from .mixkv import MixKV
-from .pyramidkv import PyramidKV
+from .pyramidkv import PyramidKV, PyramidKVAuthors
 from .random import RandomKV
 from .snapkv import SnapKV
 from .sparsemm import SparseMM
 
-__all__ = ["AdaKV", "Allocation", "BudgetedMethod", "HeadKV", "Method", "MixKV", "PyramidKV", "RandomKV",
-           "ScoreWrapper", "SnapKV", "SparseMM"]
+__all__ = ["AdaKV", "Allocation", "BudgetedMethod", "HeadKV", "Method", "MixKV", "PyramidKV", "PyramidKVAuthors",
+           "RandomKV", "ScoreWrapper", "SnapKV", "SparseMM"]

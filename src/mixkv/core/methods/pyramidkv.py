@@ -26,10 +26,12 @@ class PyramidKV(BudgetedMethod):
 
     Parameters: ``budget`` / ``ratio``, ``window``, ``kernel`` as for every base; ``beta``
     (default 20): the top layer keeps ``(budget - window) / beta`` candidates, floored (more when a
-    short prompt clips the schedule).
+    short prompt clips the schedule); ``schedule``: ``"exact"`` (default, within the budget) or
+    ``"authors"`` (the reference code's integer steps, to compare with the paper's numbers).
     """
 
     beta: float = defaults.PYRAMID_BETA
+    schedule: str = "exact"
     name = "pyramidkv"
     allocation = Allocation.PER_LAYER
 
@@ -37,9 +39,21 @@ class PyramidKV(BudgetedMethod):
         super().__post_init__()
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 1:
             raise ValueError(f"PyramidKV: beta must be a number > 1 (min = base / beta), got {self.beta!r}")
+        if self.schedule not in ("exact", "authors"):
+            raise ValueError(f"PyramidKV: schedule must be 'exact' (within the budget) or 'authors' (the reference "
+                             f"code's integer steps), got {self.schedule!r}")
 
     def allocate(self, layer: LayerPrefill) -> torch.Tensor:
         return budgets.pyramid_counts(
             self.candidates_per_sequence(layer), layer.n_cand, layer.layer_idx, layer.num_layers,
-            layer.num_kv_heads, self.beta,
+            layer.num_kv_heads, self.beta, integer_steps=self.schedule == "authors",
         )
+
+
+@dataclass
+class PyramidKVAuthors(PyramidKV):
+    """PyramidKV at the reference code's schedule (``schedule="authors"``): by name ``pyramidkv-authors``,
+    so a grid can put it beside ours and beside the paper's numbers."""
+
+    schedule: str = "authors"
+    name = "pyramidkv-authors"

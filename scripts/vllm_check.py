@@ -1,27 +1,29 @@
 """`make vllm-check`: mixkv's vLLM plugin against vLLM itself and against mixkv's own press, offline.
 
-Run inside the venv made by `make vllm-env` (scripts/vllm_env.sh). Seven parts:
+Run inside the venv made by `make vllm-env` (scripts/vllm_env.sh). Seven parts, named by what they check
+(``--parts``; the letters a-f of earlier notes still select them: a no-op, b press-equal, c capacity,
+d paging-cost, e preemption, f tensor-parallel):
 
-(a) equal: greedy outputs with the plugin and a budget that covers every prompt equal vLLM without it;
-(b) press: with compression (SnapKV+MixKV at budgets 64 and 128), vLLM's outputs and kept positions
+(no-op) greedy outputs with the plugin and a budget that covers every prompt equal vLLM without it;
+(press-equal) with compression (SnapKV+MixKV at budgets 64 and 128), vLLM's outputs and kept positions
     equal ``mixkv.press`` on the same model (the same float32 folder, loaded by transformers in this
     venv) and the same prompt token ids; vLLM without the plugin against transformers without a press
     is reported beside them as the control (the two engines' arithmetic differs slightly);
-(c) capacity: a fixed KV pool (``kv_cache_memory_bytes``, sized for two full requests), many
+(capacity) a fixed KV pool (``kv_cache_memory_bytes``, sized for two full requests), many
     concurrent ~4k-token prompts of mixkv's task suite; requests running at once (the scheduler trace
     the plugin writes), output and total tokens per second and accuracy, full vs SnapKV+MixKV at
     budgets 64/128/256;
-(d) per-layer and per-head budgets: what they would cost in paged blocks, measured on real prompts;
-(e) preemption: a KV pool too small for every compressed request's growing outputs, so vLLM preempts
+(paging-cost) per-layer and per-head budgets: what they would cost in paged blocks, measured on real prompts;
+(preemption) a KV pool too small for every compressed request's growing outputs, so vLLM preempts
     running requests and recomputes them (the plugin compresses a resumed request's prompt again and
     then recomputes its outputs over the compressed prompt); every request must finish and every
     output must equal a run with a roomy pool, where nothing is preempted. The full cache under the
     same two pools is the control (vLLM's own preemption);
-(f) tensor parallelism: the model's KV heads split over --tp-size worker processes (each compresses its
+(tensor-parallel) the model's KV heads split over --tp-size worker processes (each compresses its
     own heads); outputs and kept positions must equal the one-process plugin's, with vLLM's own
     tensor-parallel run against its one-process run as the control;
 (serve-http) the OpenAI-compatible server started by the command users type (`vllm serve`, with the plugin at
-    SnapKV+MixKV budget --serve-budget) on 127.0.0.1 and a free port: the (b) prompts through
+    SnapKV+MixKV budget --serve-budget) on 127.0.0.1 and a free port: the press-equal prompts through
     ``/v1/completions`` (token ids) and ``/v1/chat/completions`` (their text as a user message), sent at
     once; every reply must equal ``mixkv.press`` on the prompt ids the server reports, and every prompt must
     have been compressed (the plugin's dumps). The server gets --serve-timeout seconds to start and is
@@ -30,7 +32,9 @@ Run inside the venv made by `make vllm-env` (scripts/vllm_env.sh). Seven parts:
 Each vLLM configuration runs in its own process (``--job``): the plugin reads its configuration from
 the environment when vLLM starts its processes, and a fresh process frees the engine completely.
 Results go to ``results/vllm-capacity.json`` (``--json``); a table is printed. The script exits
-non-zero when (a), (b), (e), (f) or serve-http finds a difference (serve-http also when the server fails).
+non-zero when no-op, press-equal, preemption, tensor-parallel or serve-http finds a difference (serve-http
+also when the server fails). no-op and press-equal always run together: press-equal's control is no-op's
+run of vLLM without the plugin.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ CACHE = Path(os.environ.get("MIXKV_CACHE", Path.home() / ".cache" / "mixkv")).ex
 DEFAULT_MODEL = Path(os.environ.get("MIXKV_VLLM_MODEL", CACHE / "smollm2-135m-hf")).expanduser()
 PLUGIN_VARS = ("MIXKV_VLLM_METHOD", "MIXKV_VLLM_BUDGET", "MIXKV_VLLM_WINDOW", "MIXKV_VLLM_TRACE", "MIXKV_VLLM_DUMP")
 BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M, float32: layers x (K, V) x KV heads x head dim x 4 B
+
+# The checks, in the order they run; ``--parts`` takes these names.
+PARTS = ("no-op", "press-equal", "capacity", "paging-cost", "preemption", "tensor-parallel", "serve-http")
+# The letters the parts had before they had names; notes and recorded runs still use them.
+LETTERS = {"a": "no-op", "b": "press-equal", "c": "capacity", "d": "paging-cost", "e": "preemption",
+           "f": "tensor-parallel"}
 
 
 # ---- one vLLM run, in its own process ------------------------------------------------------------
@@ -137,7 +147,7 @@ def suite_prompts(tokenizer, tasks: list[str], n: int, length: int, seed: int) -
             for s in samples]
 
 
-# ---- (a) and (b) -----------------------------------------------------------------------------------------
+# ---- no-op and press-equal ---------------------------------------------------------------------------------
 
 
 def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -194,7 +204,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def part_equal_and_press(args, tokenizer, work: Path) -> dict:
+def part_no_op_and_press_equal(args, tokenizer, work: Path) -> dict:
+    """no-op and press-equal together: press-equal's control is no-op's run of vLLM without the plugin."""
     import torch
 
     prompts = suite_prompts(tokenizer, ["passkey", "kv_retrieval"], args.press_n, args.press_length, seed=1)
@@ -202,17 +213,18 @@ def part_equal_and_press(args, tokenizer, work: Path) -> dict:
     max_len = max(lengths) + args.press_tokens + 64
     base = llm_kwargs(args.model, max_len, args.block_size)
     ids = [p.ids for p in prompts]
-    print(f"(a)/(b): {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, {args.press_tokens} greedy tokens")
+    print(f"(no-op)/(press-equal): {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, "
+          f"{args.press_tokens} greedy tokens")
     plain = launch(Job({}, base, ids, args.press_tokens, str(work / "plain.json")), "vLLM, no plugin")
     cover = max(lengths) + 1
     covered = launch(Job({"MIXKV_VLLM_METHOD": "snapkv+mixkv", "MIXKV_VLLM_BUDGET": str(cover)}, base, ids,
                          args.press_tokens, str(work / "covered.json")), f"plugin, budget {cover}")
     equal = plain["tokens"] == covered["tokens"]
     report: dict = {"prompt_tokens": lengths, "max_tokens": args.press_tokens,
-                    "a_plugin_budget_covering_prompt": {"budget": cover, "equal_to_vllm": equal}}
-    print(f"(a) plugin with budget {cover} (covers every prompt) == vLLM without plugin: {equal}")
+                    "no-op_plugin_budget_covering_prompt": {"budget": cover, "equal_to_vllm": equal}}
+    print(f"(no-op) plugin with budget {cover} (covers every prompt) == vLLM without plugin: {equal}")
 
-    print("(b) transformers + mixkv.press in this venv ...", flush=True)
+    print("(press-equal) transformers + mixkv.press in this venv ...", flush=True)
     started = time.perf_counter()
     ref = press_side(args.model, prompts, args.press_budgets, args.press_tokens)
     print(f"    press side took {time.perf_counter() - started:.0f} s")
@@ -222,9 +234,9 @@ def part_equal_and_press(args, tokenizer, work: Path) -> dict:
         return [first_difference(until_eos(a, eos), until_eos(b, eos)) for a, b in zip(ours, theirs)]
 
     control = differences(plain["tokens"], ref["full"])
-    report["b_control_full"] = {"equal": all(c is None for c in control), "first_difference": control}
-    print(f"(b) control, no compression: vLLM == transformers on {sum(c is None for c in control)}/{len(prompts)}"
-          f" prompts (first differing token per prompt: {control})")
+    report["press-equal_control_full"] = {"equal": all(c is None for c in control), "first_difference": control}
+    print(f"(press-equal) control, no compression: vLLM == transformers on "
+          f"{sum(c is None for c in control)}/{len(prompts)} prompts (first differing token per prompt: {control})")
     ok = equal
     for b in args.press_budgets:
         dump = work / f"dump-{b}"
@@ -240,17 +252,17 @@ def part_equal_and_press(args, tokenizer, work: Path) -> dict:
         diffs = differences(got["tokens"], ref[b]["tokens"])
         same = all(d is None for d in diffs)
         ok &= same
-        report[f"b_snapkv+mixkv_{b}"] = {"outputs_equal_press": same, "first_difference": diffs,
-                                        "kept_positions_agreement": agree, "compressed_requests": len(files),
-                                        "vllm_texts": got["texts"]}
-        print(f"(b) budget {b}: outputs == press on {sum(d is None for d in diffs)}/{len(prompts)} prompts "
+        report[f"press-equal_snapkv+mixkv_{b}"] = {"outputs_equal_press": same, "first_difference": diffs,
+                                                  "kept_positions_agreement": agree, "compressed_requests": len(files),
+                                                  "vllm_texts": got["texts"]}
+        print(f"(press-equal) budget {b}: outputs == press on {sum(d is None for d in diffs)}/{len(prompts)} prompts "
               f"(first differing token: {diffs}); kept positions shared with press: {agree:.4f} "
               f"({len(files)} requests compressed)")
     report["ok"] = bool(ok)
     return report
 
 
-# ---- (c) capacity -----------------------------------------------------------------------------------------
+# ---- capacity -----------------------------------------------------------------------------------------
 
 
 def interleave(prompts: list[Prompt]) -> list[Prompt]:
@@ -279,8 +291,9 @@ def part_capacity(args, tokenizer, work: Path) -> dict:
     pool_bytes = blocks * bs * BYTES_PER_TOKEN
     max_len = max(lengths) + args.cap_tokens + bs
     common = min(args.cap_requests.values())
-    print(f"(c) prompts of {min(lengths)}-{max(lengths)} tokens, {args.cap_tokens} output tokens each (EOS ignored); "
-          f"KV pool {pool_bytes / 2**20:.0f} MiB = {blocks} blocks of {bs} (fits {args.pool_requests} full requests)")
+    print(f"(capacity) prompts of {min(lengths)}-{max(lengths)} tokens, {args.cap_tokens} output tokens each "
+          f"(EOS ignored); KV pool {pool_bytes / 2**20:.0f} MiB = {blocks} blocks of {bs} "
+          f"(fits {args.pool_requests} full requests)")
     rows = []
     for key, n in args.cap_requests.items():
         method, budget = ("full", None) if key == "full" else ("snapkv+mixkv", int(key))
@@ -322,10 +335,10 @@ def part_capacity(args, tokenizer, work: Path) -> dict:
             "max_num_seqs": args.max_num_seqs, "accuracy_common_prefix": common, "rows": rows}
 
 
-# ---- (d) per-layer and per-head budgets in paged blocks ----------------------------------------------------
+# ---- paging-cost: per-layer and per-head budgets in paged blocks -------------------------------------------
 
 
-def part_skew(args, tokenizer) -> dict:
+def part_paging_cost(args, tokenizer) -> dict:
     """How many blocks non-uniform methods would need per request, measured on real prompts.
 
     For each prompt, one exact prefill is captured (``mixkv.capture_prefill``) and each method's own
@@ -374,8 +387,8 @@ def part_skew(args, tokenizer) -> dict:
             summary.append({"method": name, "budget": budget, **{
                 key: max(r[key] for r in sel) for key in ("max_head_ratio", "one_table_x_uniform",
                                                          "per_layer_tables_x_uniform", "per_head_paging_x_uniform")}})
-    print(f"(d) blocks per request relative to a uniform method at the same budget (block size {bs}; worst of "
-          f"{len(prompts)} prompts)")
+    print(f"(paging-cost) blocks per request relative to a uniform method at the same budget (block size {bs}; "
+          f"worst of {len(prompts)} prompts)")
     print("| method    | budget | largest head / B | vLLM as is | per-layer tables | per-head paging |")
     print("|-----------|--------|------------------|------------|------------------|-----------------|")
     for r in summary:
@@ -384,7 +397,7 @@ def part_skew(args, tokenizer) -> dict:
     return {"block_size": bs, "rows": rows, "summary": summary}
 
 
-# ---- (e) preemption ---------------------------------------------------------------------------------------
+# ---- preemption ---------------------------------------------------------------------------------------
 
 
 def engine_index(request_ids: list[str]) -> dict[str, int]:
@@ -398,7 +411,7 @@ def to_prompt(engine_id: str, index: dict[str, int]) -> int:
     return index[engine_id.rsplit("-", 1)[0]]
 
 
-def part_preempt(args, tokenizer, work: Path) -> dict:
+def part_preemption(args, tokenizer, work: Path) -> dict:
     """Run the same prompts with a roomy and a tight KV pool, compressed and full, and compare."""
     from mixkv.integrations.vllm.trace import read_trace
 
@@ -413,9 +426,9 @@ def part_preempt(args, tokenizer, work: Path) -> dict:
     prompt_blocks = -(-max(lengths) // bs)
     pools = {"snapkv+mixkv": -(-max_len // bs) + 1 + args.preempt_spare,
              "full": max(-(-max_len // bs), 2 * prompt_blocks) + 1 + args.preempt_spare}
-    print(f"(e) {len(ids)} prompts of {min(lengths)}-{max(lengths)} tokens, {tokens} output tokens each (EOS ignored); "
-          f"tight KV pools of {pools['snapkv+mixkv']} (compressed) and {pools['full']} (full) blocks of {bs}, "
-          f"chunked prefill {args.preempt_chunk} tokens per step")
+    print(f"(preemption) {len(ids)} prompts of {min(lengths)}-{max(lengths)} tokens, {tokens} output tokens each "
+          f"(EOS ignored); tight KV pools of {pools['snapkv+mixkv']} (compressed) and {pools['full']} (full) "
+          f"blocks of {bs}, chunked prefill {args.preempt_chunk} tokens per step")
     engine = {"max_num_batched_tokens": args.preempt_chunk, "max_num_seqs": len(ids)}
     report: dict = {"prompt_tokens": lengths, "output_tokens": tokens, "pool_blocks": pools, "block_size": bs,
                     "budget": args.preempt_budget, "chunk_tokens": args.preempt_chunk}
@@ -463,13 +476,13 @@ def part_preempt(args, tokenizer, work: Path) -> dict:
             ok &= (finished and row["preemptions_with_outputs"] > 0 and row["roomy_preemptions"] == 0
                    and all(d is None for d in diffs))
             if row["preemptions_with_outputs"] == 0:
-                print("    (e) no decoding request was preempted: the check did not exercise preemption; "
+                print("    (preemption) no decoding request was preempted: the check did not exercise preemption; "
                       "lower --preempt-spare or raise --preempt-tokens", flush=True)
     report["ok"] = bool(ok)
     return report
 
 
-# ---- (f) tensor parallelism -----------------------------------------------------------------------------------
+# ---- tensor-parallel -----------------------------------------------------------------------------------
 
 
 def load_kept(dump: Path) -> dict:
@@ -484,12 +497,12 @@ def load_kept(dump: Path) -> dict:
 
 
 def part_tensor_parallel(args, tokenizer, work: Path) -> dict:
-    """The (b) prompts with one worker and with ``--tp-size`` workers, without and with the plugin."""
+    """The press-equal prompts with one worker and with ``--tp-size`` workers, without and with the plugin."""
     prompts = suite_prompts(tokenizer, ["passkey", "kv_retrieval"], args.press_n, args.press_length, seed=1)
     ids = [p.ids for p in prompts]
     max_len = max(len(i) for i in ids) + args.press_tokens + 64
     tp = args.tp_size
-    print(f"(f) tensor parallelism {tp}: {len(ids)} prompts, {args.press_tokens} greedy tokens "
+    print(f"(tensor-parallel) tensor parallelism {tp}: {len(ids)} prompts, {args.press_tokens} greedy tokens "
           f"(VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'nobind')})")
     # Binding is per rank; "auto" wants a NUMA node per rank, so the ranks share the cores unbound unless told.
     bind = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
@@ -545,7 +558,7 @@ def serve_command(args, port: int, max_len: int, pool_bytes: int) -> list[str]:
 
 
 def part_serve_http(args, tokenizer, work: Path) -> dict:
-    """The (b) prompts through `vllm serve` over HTTP against ``mixkv.press`` (module doc, part serve-http)."""
+    """The press-equal prompts through `vllm serve` over HTTP against ``mixkv.press`` (module doc, part serve-http)."""
     from concurrent.futures import ThreadPoolExecutor
 
     prompts = suite_prompts(tokenizer, ["passkey", "kv_retrieval"], args.press_n, args.press_length, seed=1)
@@ -636,40 +649,55 @@ def print_table(cap: dict) -> None:
 # ---- main ---------------------------------------------------------------------------------------------------
 
 
+def parse_parts(text: str) -> list[str]:
+    """The parts ``--parts`` names, letters mapped to names, in the order they run; ValueError on others."""
+    asked = [item.strip() for item in text.split(",")]
+    unknown = [item for item in asked if item not in PARTS and item not in LETTERS]
+    if unknown:
+        raise ValueError(f"unknown {unknown}; accepted: {', '.join(PARTS)} "
+                         f"(or the old letters {', '.join(f'{k}={v}' for k, v in LETTERS.items())})")
+    names = {LETTERS.get(item, item) for item in asked}
+    return [name for name in PARTS if name in names]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="transformers folder (make vllm-env)")
-    ap.add_argument("--parts", default="a,b,c,d,e,f,serve-http",
-                    help="which checks: a,b (equality, press), c (capacity), d (per-layer/per-head block needs), "
-                         "e (preemption), f (tensor parallelism), serve-http (`vllm serve` over HTTP against the "
-                         "press)")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="which checks, comma-separated (default: all, in this order): no-op (the plugin with a "
+                         "budget covering every prompt equals vLLM), press-equal (compressed outputs and kept "
+                         "positions equal mixkv.press; no-op and press-equal always run together), capacity "
+                         "(requests running at once in a fixed pool), paging-cost (per-layer/per-head block needs), "
+                         "preemption, tensor-parallel, serve-http (`vllm serve` over HTTP against the press). "
+                         "The old letters are aliases: "
+                         + ", ".join(f"{letter}={name}" for letter, name in LETTERS.items()))
     ap.add_argument("--block-size", type=int, default=32, help="vLLM block size (CPU kernels: a multiple of 32)")
-    ap.add_argument("--press-n", type=int, default=1, help="prompts per task for (a)/(b)")
+    ap.add_argument("--press-n", type=int, default=1, help="prompts per task for no-op/press-equal")
     ap.add_argument("--press-length", type=int, default=600)
     ap.add_argument("--press-tokens", type=int, default=12)
     ap.add_argument("--press-budgets", default="64,128")
     ap.add_argument("--cap-requests", default="full:6,256:16,128:26,64:44",
-                    help="requests per configuration of (c): 'full' or a SnapKV+MixKV budget, then the count "
+                    help="requests per configuration of capacity: 'full' or a SnapKV+MixKV budget, then the count "
                          "(enough to fill the pool: more only adds prefill time)")
-    ap.add_argument("--cap-suite", type=int, default=44, help="prompts generated for (c); runs take the first n")
+    ap.add_argument("--cap-suite", type=int, default=44, help="prompts generated for capacity; runs take the first n")
     ap.add_argument("--cap-length", type=int, default=4000)
     ap.add_argument("--cap-tokens", type=int, default=32)
-    ap.add_argument("--skew-budgets", default="64,128,256", help="budgets of (d)")
-    ap.add_argument("--skew-n", type=int, default=2, help="prompts per task for (d)")
+    ap.add_argument("--skew-budgets", default="64,128,256", help="budgets of paging-cost")
+    ap.add_argument("--skew-n", type=int, default=2, help="prompts per task for paging-cost")
     ap.add_argument("--pool-requests", type=int, default=2, help="the KV pool holds this many full requests")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--batched-tokens", type=int, default=4096, help="max_num_batched_tokens (chunked prefill)")
-    ap.add_argument("--preempt-n", type=int, default=4, help="prompts per task for (e) (length: --press-length)")
-    ap.add_argument("--preempt-budget", type=int, default=64, help="SnapKV+MixKV budget of (e)")
-    ap.add_argument("--preempt-tokens", type=int, default=256, help="output tokens per request in (e)")
+    ap.add_argument("--preempt-n", type=int, default=4, help="prompts per task for preemption (length: --press-length)")
+    ap.add_argument("--preempt-budget", type=int, default=64, help="SnapKV+MixKV budget of preemption")
+    ap.add_argument("--preempt-tokens", type=int, default=256, help="output tokens per request in preemption")
     ap.add_argument("--preempt-spare", type=int, default=0,
-                    help="blocks in (e)'s tight pools beyond what vLLM needs (fewer: more preemptions)")
+                    help="blocks in preemption's tight pools beyond what vLLM needs (fewer: more preemptions)")
     ap.add_argument("--preempt-methods", default="snapkv+mixkv,full",
-                    help="(e)'s runs: snapkv+mixkv (the check) and full (the control: vLLM's own preemption)")
-    ap.add_argument("--preempt-chunk", type=int, default=256, help="max_num_batched_tokens of (e)")
+                    help="preemption's runs: snapkv+mixkv (the check) and full (the control: vLLM's own preemption)")
+    ap.add_argument("--preempt-chunk", type=int, default=256, help="max_num_batched_tokens of preemption")
     ap.add_argument("--tp-size", type=int, default=3,
-                    help="tensor-parallel size of (f) (must divide the model's KV heads: SmolLM2-135M has 3)")
+                    help="worker processes of tensor-parallel (must divide the model's KV heads: SmolLM2-135M has 3)")
     ap.add_argument("--serve-budget", type=int, default=64, help="SnapKV+MixKV budget of serve-http")
     ap.add_argument("--serve-timeout", type=float, default=300.0,
                     help="seconds serve-http waits for the server to start, and for each reply")
@@ -678,9 +706,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "at start-up, minutes on two cores)")
     ap.add_argument("--json", type=Path, default=ROOT / "results" / "vllm-capacity.json")
     args = ap.parse_args(argv)
-    unknown_parts = set(args.parts.split(",")) - set(ap.get_default("parts").split(","))
-    if unknown_parts:
-        ap.error(f"--parts: unknown {sorted(unknown_parts)}; accepted: {ap.get_default('parts')}")
+    try:
+        args.parts = parse_parts(args.parts)
+    except ValueError as error:
+        ap.error(f"--parts: {error}")
     args.press_budgets = [int(b) for b in args.press_budgets.split(",")]
     args.preempt_methods = [m.strip() for m in args.preempt_methods.split(",")]
     unknown = set(args.preempt_methods) - {"snapkv+mixkv", "full"}
@@ -689,6 +718,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.skew_budgets = [int(b) for b in args.skew_budgets.split(",")]
     args.cap_requests = {k.strip(): int(v) for k, v in (item.split(":") for item in args.cap_requests.split(","))}
     return args
+
+
+def record_run(report: dict, parts: list[str], command: str, ok: bool) -> None:
+    """Note what produced the file: a run of every part replaces the list, a partial run adds to it.
+
+    Earlier entries stay as they were written (runs before the parts had names list letters).
+    """
+    run = {"date": time.strftime("%Y-%m-%d"), "command": command, "parts": ",".join(parts), "ok": bool(ok)}
+    everything = set(parts) >= set(PARTS)
+    report["runs"] = ([] if everything else list(report.get("runs", []))) + [run]
 
 
 def main(argv=None) -> int:
@@ -703,24 +742,25 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-    parts = set(args.parts.split(","))
+    parts = set(args.parts)
     report: dict = {"model": str(args.model), "dtype": "float32", "block_size": args.block_size}
     if args.json.is_file():  # keep parts not rerun now
         report = {**json.loads(args.json.read_text()), **report}
     ok = True
     with tempfile.TemporaryDirectory(prefix="mixkv-vllm-check-") as tmp:
         work = Path(tmp)
-        if parts & {"a", "b"}:
-            report["equality"] = part_equal_and_press(args, tokenizer, work)
+        # The sections keep the keys earlier runs wrote (equality, capacity, ...), so their files still merge.
+        if parts & {"no-op", "press-equal"}:
+            report["equality"] = part_no_op_and_press_equal(args, tokenizer, work)
             ok &= report["equality"]["ok"]
-        if "c" in parts:
+        if "capacity" in parts:
             report["capacity"] = merge_capacity(report.get("capacity"), part_capacity(args, tokenizer, work))
-        if "d" in parts:
-            report["paged_budgets"] = part_skew(args, tokenizer)
-        if "e" in parts:
-            report["preemption"] = part_preempt(args, tokenizer, work)
+        if "paging-cost" in parts:
+            report["paged_budgets"] = part_paging_cost(args, tokenizer)
+        if "preemption" in parts:
+            report["preemption"] = part_preemption(args, tokenizer, work)
             ok &= report["preemption"]["ok"]
-        if "f" in parts:
+        if "tensor-parallel" in parts:
             report["tensor_parallel"] = part_tensor_parallel(args, tokenizer, work)
             ok &= report["tensor_parallel"]["ok"]
         if "serve-http" in parts:
@@ -730,11 +770,7 @@ def main(argv=None) -> int:
                 print(f"(serve-http) FAILED: {error}", flush=True)
                 report["serve_http"] = {"ok": False, "error": str(error).splitlines()[0]}
             ok &= report["serve_http"]["ok"]
-    # What produced this file: a run of every part replaces the list, a partial run adds to it.
-    run = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["scripts/vllm_check.py", *raw_args]),
-           "parts": ",".join(sorted(parts)), "ok": bool(ok)}
-    everything = parts >= set(parse_args([]).parts.split(","))
-    report["runs"] = ([] if everything else list(report.get("runs", []))) + [run]
+    record_run(report, args.parts, " ".join(["scripts/vllm_check.py", *raw_args]), ok)
     if "capacity" in report:
         print_table(report["capacity"])
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from ..core import defaults
 from ..core.profiles import load_profile
 from ..lab import report
 from ..lab.analyze import analyze
-from ..lab.calibration import generated_samples
+from ..lab.calibration.sources import generated_samples
 from ..testbeds import sources
 from .common import check_outputs, machine_description, nonneg_int, positive_int, setup_threads
 

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from ..lab import report
-from ..lab.calibration import DEFAULT_SEED, calibrate, generated_samples, partial_path, read_jsonl
+from ..lab.calibration.run import calibrate, partial_path
+from ..lab.calibration.sources import DEFAULT_SEED, generated_samples, read_jsonl
 from ..testbeds import sources
 from .common import check_outputs, machine_description, nonneg_int, positive_int, setup_threads
 

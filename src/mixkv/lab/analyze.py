@@ -24,7 +24,7 @@ from .analysis_figures import (
     plot_redundancy_heatmap,
     plot_similarity_histograms,
 )
-from .calibration import char_spans_to_mask
+from .calibration.sources import char_spans_to_mask
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""Pure helpers of the vLLM checks (``scripts/vllm_vlm_check.py``): comparing replies and kept positions,
+agreement per task, OpenAI chat requests with images. No vLLM import, so the default environment tests them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def until_eos(tokens: Sequence[int], eos: Iterable[int]) -> list[int]:
+    """The tokens up to and including the first end-of-sequence token (both engines stop there)."""
+    stop = set(eos)
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return list(tokens[: i + 1])
+    return list(tokens)
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first differing token (the shorter length when one is a prefix of the other); None: equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def kept_agreement(ours: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> float:
+    """Share of ``theirs``' kept positions that ``ours`` kept too, over prompts, layers and KV heads.
+
+    Each element is one prompt's kept positions ``(L, H, B)``; NaN when there is nothing to compare.
+    """
+    same = total = 0
+    for a, b in zip(ours, theirs):
+        if a.shape[:2] != b.shape[:2]:
+            raise ValueError(f"kept positions of different layouts: {tuple(a.shape)} vs {tuple(b.shape)}")
+        for layer in range(b.shape[0]):
+            for head in range(b.shape[1]):
+                x, y = set(a[layer, head].tolist()), set(b[layer, head].tolist())
+                same += len(x & y)
+                total += len(y)
+    return same / total if total else float("nan")
+
+
+def agreement_by_task(rows: Sequence[dict]) -> dict[str, dict]:
+    """Per task and over all rows: count, exact reply matches and each engine's mean score.
+
+    ``rows``: ``{"task", "reply_a", "reply_b", "score_a", "score_b"}`` (a and b: the two engines).
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["task"], []).append(r)
+    if rows:
+        groups["all"] = list(rows)
+    out = {}
+    for task, sel in groups.items():
+        n = len(sel)
+        same = sum(r["reply_a"] == r["reply_b"] for r in sel)
+        out[task] = {"n": n, "exact_match": same, "exact_match_pct": 100.0 * same / n,
+                     "score_a": sum(r["score_a"] for r in sel) / n, "score_b": sum(r["score_b"] for r in sel) / n}
+    return out
+
+
+def png_data_url(image) -> str:
+    """A PIL image as an OpenAI ``image_url`` data URL (PNG: lossless, so the server decodes the same pixels)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def chat_content(text: str, images: Sequence = ()) -> list[dict] | str:
+    """A user message's content: the images first (PIL images or URLs), then the text; the text alone without images."""
+    if not images:
+        return text
+    parts = [{"type": "image_url", "image_url": {"url": im if isinstance(im, str) else png_data_url(im)}}
+             for im in images]
+    return parts + [{"type": "text", "text": text}]
+
+
+def chat_request(model: str, text: str, images: Sequence = (), max_tokens: int = 16, **extra) -> dict:
+    """A greedy ``/v1/chat/completions`` body with one user message (``extra``: more fields, e.g. vLLM's)."""
+    return {"model": model, "messages": [{"role": "user", "content": chat_content(text, images)}],
+            "max_tokens": max_tokens, "temperature": 0.0, **extra}

@@ -84,3 +84,34 @@ def chat_request(model: str, text: str, images: Sequence = (), max_tokens: int =
     """A greedy ``/v1/chat/completions`` body with one user message (``extra``: more fields, e.g. vLLM's)."""
     return {"model": model, "messages": [{"role": "user", "content": chat_content(text, images)}],
             "max_tokens": max_tokens, "temperature": 0.0, **extra}
+
+
+def kept_differences(scores: Sequence[torch.Tensor], ours: torch.Tensor, theirs: torch.Tensor) -> list[dict]:
+    """Where two engines kept different positions of one prompt, and how close the swapped tokens' scores are.
+
+    ``scores[l]``: the method's candidate scores ``(H, C)`` of layer ``l`` as one engine computed them (candidate
+    ``c`` is prompt position ``c``); ``ours`` / ``theirs``: kept positions ``(L, H, B)``. One entry per differing
+    (layer, head): the positions only one side kept, their scores, and ``relative_gap``, the largest
+    ``|s_ours - s_theirs| / max(|s_ours|, |s_theirs|)`` over the swapped pairs (paired in score order). A gap far
+    below selection's rank grid (``2 ** -RANK_BITS`` relative) means a near-tie that float noise between the
+    engines decided, not a different choice.
+    """
+    out = []
+    for layer in range(theirs.shape[0]):
+        for head in range(theirs.shape[1]):
+            a, b = set(ours[layer, head].tolist()), set(theirs[layer, head].tolist())
+            if a == b:
+                continue
+            row = scores[layer][head]
+
+            def s(p: int, row=row) -> float:  # a position past the candidates (the window) has no score
+                return float(row[p]) if p < row.shape[0] else float("nan")
+
+            only_a = sorted(a - b, key=lambda p: -s(p))
+            only_b = sorted(b - a, key=lambda p: -s(p))
+            gaps = [abs(s(x) - s(y)) / max(abs(s(x)), abs(s(y)), 1e-30) for x, y in zip(only_a, only_b)]
+            paired = gaps and len(only_a) == len(only_b) and all(g == g for g in gaps)  # g == g: not NaN
+            out.append({"layer": layer, "head": head, "only_ours": only_a, "only_theirs": only_b,
+                        "scores_ours": [s(p) for p in only_a], "scores_theirs": [s(p) for p in only_b],
+                        "relative_gap": max(gaps) if paired else float("inf")})
+    return out

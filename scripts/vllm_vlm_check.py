@@ -245,18 +245,21 @@ class Transformers:
         return [m.score(layer.for_method(m.window, m.kernel))[0].float() for layer in pre.layers]
 
 
-NEAR_TIE = 2.0**-12  # selection ranks scores on a 12-significant-bit grid (defaults.RANK_BITS)
+NOISE = 1e-5  # relative difference between the engines' scores taken as float noise (near-tie verdicts)
 
 
 def kept_verdict(hf: Transformers, request: Request, config: tuple, ours, theirs) -> dict:
-    """Agreement of one prompt's kept positions; where they differ, the swapped tokens' press scores."""
-    from mixkv.integrations.vllm.checks import kept_agreement, kept_differences
+    """Agreement of one prompt's kept positions; where they differ, the swapped tokens' press scores and whether
+    each difference is a near-tie on selection's rank grid (:func:`~mixkv.integrations.vllm.checks.is_near_tie`)."""
+    from mixkv.integrations.vllm.checks import is_near_tie, kept_agreement, kept_differences
 
     row = {"kept_agreement": kept_agreement([ours], [theirs])}
     if row["kept_agreement"] < 1.0:
         diffs = kept_differences(hf.scores(request, *config), ours, theirs)
+        for d in diffs:
+            d["near_tie"] = is_near_tie(d, NOISE)
         row["kept_differences"] = diffs
-        row["kept_near_ties_only"] = all(d["relative_gap"] <= NEAR_TIE for d in diffs)
+        row["kept_near_ties_only"] = all(d["near_tie"] for d in diffs)
     return row
 
 
@@ -357,8 +360,9 @@ def compare_with_press(hf: Transformers, requests: list[Request], got: dict, ref
     differing = [d for r in rows for d in r.get("kept_differences", [])]
     return {"rows": rows, "outputs_equal": sum(r["first_difference"] is None for r in rows), "requests": len(rows),
             "compressed": sum(r["compressed"] for r in rows), "kept_positions_agreement": agree,
-            "kept_differing_heads": len(differing),
-            "kept_largest_relative_gap": max((d["relative_gap"] for d in differing), default=0.0), "ok": bool(ok)}
+            "kept_differing_heads": len(differing), "kept_near_ties": sum(d["near_tie"] for d in differing),
+            "kept_largest_boundary_distance": max((d["boundary_distance"] for d in differing), default=0.0),
+            "ok": bool(ok)}
 
 
 def part_press_images(args, hf: Transformers, work: Path) -> dict:
@@ -416,8 +420,10 @@ def part_press_images(args, hf: Transformers, work: Path) -> dict:
                             and result["largest_step_tokens"] <= args.chunk)
         ok &= result["ok"]
         report[label] = result
-        ties = (f" ({result['kept_differing_heads']} (layer, head) differ, largest relative score gap of a swapped "
-                f"pair {result['kept_largest_relative_gap']:.1e})" if result["kept_differing_heads"] else "")
+        ties = (f" ({result['kept_differing_heads']} (layer, head) differ, {result['kept_near_ties']} of them "
+                f"near-ties on the rank grid, a swapped score within "
+                f"{result['kept_largest_boundary_distance']:.1e} of a rounding boundary)"
+                if result["kept_differing_heads"] else "")
         print(f"    {label}: outputs == press {result['outputs_equal']}/{result['requests']}, compressed "
               f"{result['compressed']} (prompts > budget: {sum(n > budget for n in lengths)}), kept positions "
               f"shared {result['kept_positions_agreement']:.6f}{ties}", flush=True)

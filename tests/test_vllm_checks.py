@@ -78,3 +78,30 @@ def test_kept_differences_name_the_swapped_tokens_and_their_score_gap():
     assert checks.kept_differences(scores, ours, ours) == []
     window = checks.kept_differences(scores, torch.tensor([[[0, 2, 3, 6], [1, 2, 5, 6]]]), theirs)
     assert window[0]["only_theirs"] == [5] and window[0]["relative_gap"] == float("inf")  # no score: no near-tie
+
+
+def test_grid_step_and_boundary_distance_follow_the_rank_grid():
+    from mixkv.core.scores import rank_grid
+
+    for x in (0.0008991958457045257, 3.25, -7.1, 1e-9):
+        mantissa, exponent = math.frexp(x)
+        rounded = float(rank_grid(torch.tensor([x], dtype=torch.float64))[0])
+        assert rounded == math.ldexp(checks.grid_step(x) / 2**12, exponent)
+    assert checks.grid_step(0.0) is None and checks.grid_step(float("nan")) is None
+    on_boundary = math.ldexp((3000 + 0.5) / 2**12, -3)
+    assert checks.boundary_distance(on_boundary) == 0.0
+    mid = math.ldexp(3000 / 2**12, -3)  # a grid point: half a step from either boundary
+    assert checks.boundary_distance(mid) == pytest.approx(0.5 / 3000)
+
+
+def test_a_swap_is_a_near_tie_only_on_adjacent_steps_next_to_a_boundary():
+    near = {"grid_steps_ours": [3771], "grid_steps_theirs": [3772], "boundary_distance": 1.9e-7}
+    assert checks.is_near_tie(near)
+    assert not checks.is_near_tie({**near, "boundary_distance": 1e-3})  # far from a boundary: a real choice
+    assert not checks.is_near_tie({**near, "grid_steps_theirs": [3790]})  # not neighbours on the grid
+    assert not checks.is_near_tie({**near, "grid_steps_theirs": []})
+    assert not checks.is_near_tie({**near, "grid_steps_ours": [None]})
+    scores = [torch.tensor([[0.0008990536443889141, 0.0008991958457045257, 0.1]])]  # (H=1, C=3)
+    d = checks.kept_differences(scores, torch.tensor([[[0, 2, 3]]]), torch.tensor([[[1, 2, 3]]]))[0]
+    assert (d["grid_steps_ours"], d["grid_steps_theirs"]) == ([3771], [3772])
+    assert d["boundary_distance"] < 1e-6 and checks.is_near_tie(d)

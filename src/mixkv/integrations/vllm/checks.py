@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from mixkv.core import defaults
 
 
 def until_eos(tokens: Sequence[int], eos: Iterable[int]) -> list[int]:
@@ -111,7 +114,42 @@ def kept_differences(scores: Sequence[torch.Tensor], ours: torch.Tensor, theirs:
             only_b = sorted(b - a, key=lambda p: -s(p))
             gaps = [abs(s(x) - s(y)) / max(abs(s(x)), abs(s(y)), 1e-30) for x, y in zip(only_a, only_b)]
             paired = gaps and len(only_a) == len(only_b) and all(g == g for g in gaps)  # g == g: not NaN
+            swapped = only_a + only_b
             out.append({"layer": layer, "head": head, "only_ours": only_a, "only_theirs": only_b,
                         "scores_ours": [s(p) for p in only_a], "scores_theirs": [s(p) for p in only_b],
-                        "relative_gap": max(gaps) if paired else float("inf")})
+                        "relative_gap": max(gaps) if paired else float("inf"),
+                        "grid_steps_ours": [grid_step(s(p)) for p in only_a],
+                        "grid_steps_theirs": [grid_step(s(p)) for p in only_b],
+                        "boundary_distance": min((boundary_distance(s(p)) for p in swapped), default=float("nan"))})
     return out
+
+
+def grid_step(x: float, bits: int = defaults.RANK_BITS) -> int | None:
+    """The integer mantissa selection ranks ``x`` by (``x`` rounded to ``bits`` significant bits is
+    ``grid_step * 2 ** (exponent - bits)``); None for zero or a non-finite ``x``."""
+    if x == 0 or not math.isfinite(x):
+        return None
+    mantissa, _ = math.frexp(x)
+    return round(mantissa * 2**bits)
+
+
+def boundary_distance(x: float, bits: int = defaults.RANK_BITS) -> float:
+    """How far ``x`` is from the nearest rounding boundary of the rank grid, relative to ``x``: a relative
+    change of this size moves ``x`` to the next grid step (and can tie or untie it with a neighbour)."""
+    if x == 0 or not math.isfinite(x):
+        return float("nan")
+    mantissa, _ = math.frexp(abs(x))
+    u = mantissa * 2**bits
+    return abs(u - math.floor(u) - 0.5) / u
+
+
+def is_near_tie(difference: dict, noise: float = 1e-5) -> bool:
+    """True when one :func:`kept_differences` entry is a tie float noise can decide: the swapped tokens pair up
+    on the same or adjacent steps of the rank grid, and one of them lies within ``noise`` (relative) of a
+    rounding boundary, so a change of that size between engines ties or unties them (ties go to the earlier
+    position)."""
+    ours, theirs = difference["grid_steps_ours"], difference["grid_steps_theirs"]
+    if not ours or len(ours) != len(theirs) or None in ours or None in theirs:
+        return False
+    adjacent = all(abs(a - b) <= 1 for a, b in zip(ours, theirs))
+    return adjacent and difference["boundary_distance"] <= noise

@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 STAMP := .setup-done
 
-.PHONY: setup demo test lint bench eval compare kvpress-env lmms-env lmms-check vllm-env vllm-check clean
+.PHONY: setup demo test lint bench eval compare kvpress-env lmms-env lmms-check vllm-env vllm-check vllm-vlm-check clean
 
 # The stamp lives in the checkout, the install in the interpreter: when the interpreter no longer finds
 # mixkv (a fresh machine under an old checkout, an editable install whose path moved), set up again.
@@ -61,6 +61,10 @@ vllm-env:
 
 vllm-check: vllm-env
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_check.py --json results/vllm-capacity.json
+
+# The toy VLM with images through vLLM (#26): without the plugin vs transformers, with it vs mixkv.press, `vllm serve`.
+vllm-vlm-check: vllm-env
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_vlm_check.py --json results/vllm-vlm.json
 
 clean:
 	rm -rf $(STAMP) build dist src/*.egg-info .pytest_cache .ruff_cache

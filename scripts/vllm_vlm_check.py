@@ -446,6 +446,8 @@ def post(url: str, body: dict, timeout: float) -> tuple[int, dict | str]:
             return e.code, json.loads(raw)
         except ValueError:
             return e.code, raw
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+        raise vllm_serve.ServerError(f"POST {url} failed: {e}") from None  # no answer at all: the part fails
 
 
 def stream_then_cancel(host: str, port: int, body: dict, chunks: int, timeout: float) -> dict:
@@ -513,7 +515,6 @@ def part_serve_http(args, hf: Transformers, work: Path) -> dict:
                                   return_token_ids=True) for r in requests}
     print(f"(serve-http) {' '.join(cmd)} with MIXKV_VLLM_METHOD=snapkv+mixkv MIXKV_VLLM_BUDGET={budget}", flush=True)
     report: dict = {"command": cmd, "budget": budget, "pool_bytes": pool_bytes, "block_size": bs}
-    url = None
     started = time.perf_counter()
     with vllm_serve.Server(cmd, env, work / "serve.log", port, args.serve_timeout) as server:
         url = server.url

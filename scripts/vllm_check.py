@@ -42,13 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import vllm_jobs  # scripts/, beside this file
 import vllm_serve  # scripts/, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,21 +103,8 @@ def run_job(job: Job) -> None:
 
 
 def launch(job: Job, label: str) -> dict:
-    """Run ``job`` in a fresh interpreter; returns its result (raises with the log tail on failure)."""
-    spec = Path(job.out).with_suffix(".job.json")
-    spec.write_text(json.dumps(asdict(job)))
-    log = Path(job.out).with_suffix(".log")
-    print(f"  [{label}] starting vLLM ({' '.join(f'{k}={v}' for k, v in job.plugin_env.items()) or 'no plugin'})",
-          flush=True)
-    with log.open("w") as fh:
-        proc = subprocess.run([sys.executable, __file__, "--job", str(spec)], stdout=fh, stderr=subprocess.STDOUT,
-                              check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-40:])
-        raise RuntimeError(f"[{label}] vLLM run failed (exit {proc.returncode}); log {log}:\n{tail}")
-    result = json.loads(Path(job.out).read_text())
-    print(f"  [{label}] load {result['load_seconds']:.0f} s, generate {result['generate_seconds']:.1f} s", flush=True)
-    return result
+    """Run ``job`` in a fresh interpreter (:func:`vllm_jobs.launch`)."""
+    return vllm_jobs.launch(job, label, __file__)
 
 
 def llm_kwargs(model: Path, max_model_len: int, block_size: int, **extra) -> dict:

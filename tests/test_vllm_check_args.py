@@ -30,6 +30,7 @@ def check():
         sys.path.remove(str(REPO / "scripts"))
         sys.modules.pop("vllm_check", None)
         sys.modules.pop("vllm_serve", None)
+        sys.modules.pop("vllm_jobs", None)
 
 
 def test_every_part_runs_by_default_in_order(check):
@@ -99,3 +100,23 @@ def test_recorded_capacity_rows_merge_with_a_new_run(check):
     assert merged["rows"][1]["max_running"] == 14
     assert [r["max_running"] for i, r in enumerate(merged["rows"]) if i != 1] == \
         [r["max_running"] for i, r in enumerate(old["rows"]) if i != 1]
+
+
+def test_a_job_runs_in_a_fresh_interpreter_and_its_failure_shows_the_log(check, tmp_path):
+    """The launcher both check scripts share (scripts/vllm_jobs.py), with a stand-in job script (no vLLM)."""
+    import vllm_jobs
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import json, sys\n"
+        "spec = json.load(open(sys.argv[2]))\n"
+        "if spec['plugin_env'].get('FAIL'):\n"
+        "    print('engine exploded'); sys.exit(3)\n"
+        "json.dump({'load_seconds': 1.0, 'generate_seconds': 2.0, 'env': spec['plugin_env']}, open(spec['out'], 'w'))\n"
+    )
+    ok = check.Job({"MIXKV_VLLM_METHOD": "snapkv"}, {}, [[1, 2]], 4, str(tmp_path / "ok.json"))
+    result = vllm_jobs.launch(ok, "ok", str(script))
+    assert result["env"] == {"MIXKV_VLLM_METHOD": "snapkv"} and result["log"].endswith("ok.log")
+    bad = check.Job({"FAIL": "1"}, {}, [[1]], 4, str(tmp_path / "bad.json"))
+    with pytest.raises(RuntimeError, match=r"(?s)exit 3.*engine exploded"):
+        vllm_jobs.launch(bad, "bad", str(script))

@@ -6,7 +6,8 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 STAMP := .setup-done
 
-.PHONY: setup demo test lint bench eval compare kvpress-env lmms-env lmms-check vllm-env vllm-check vllm-vlm-check clean
+.PHONY: setup demo test lint bench eval compare kvpress-env lmms-env lmms-check vllm-env vllm-check vllm-vlm-check \
+	vllm-vlm-capacity vllm-paged-check clean
 
 # The stamp lives in the checkout, the install in the interpreter: when the interpreter no longer finds
 # mixkv (a fresh machine under an old checkout, an editable install whose path moved), set up again.
@@ -65,6 +66,21 @@ vllm-check: vllm-env
 # The toy VLM with images through vLLM (#26): without the plugin vs transformers, with it vs mixkv.press, `vllm serve`.
 vllm-vlm-check: vllm-env
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_vlm_check.py --json results/vllm-vlm.json
+
+# Capacity at equal quality (#26): `vllm serve` + `vllm bench serve`, full vs snapkv(+mixkv) at 32/64/128, one pool.
+vllm-vlm-capacity: vllm-env
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_vlm_capacity.py --json results/vllm-vlm-capacity.json
+	$(PYTHON) scripts/vllm_vlm_capacity.py --plot-only --json results/vllm-vlm-capacity.json
+
+# Per-layer and per-head methods in vLLM (#27): equal to mixkv.press (image and text prompts), preemption, then
+# held blocks against theory, requests at once and decode speed against snapkv+mixkv.
+PAGED_METHODS ?= adakv,adakv+mixkv,pyramidkv,pyramidkv+mixkv,sparsemm,sparsemm+mixkv,headkv,headkv+mixkv
+vllm-paged-check: vllm-env
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_vlm_check.py --parts press-images \
+		--methods $(PAGED_METHODS) --budgets 64,128 --no-chunked --json results/vllm-paged.json
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_check.py --parts preemption \
+		--preempt-methods adakv+mixkv,pyramidkv+mixkv,headkv+mixkv --json results/vllm-paged-preemption.json
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_paged_check.py --json results/vllm-paged.json
 
 clean:
 	rm -rf $(STAMP) build dist src/*.egg-info .pytest_cache .ruff_cache

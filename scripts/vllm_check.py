@@ -54,7 +54,8 @@ import vllm_serve  # scripts/, beside this file
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MIXKV_CACHE", Path.home() / ".cache" / "mixkv")).expanduser()
 DEFAULT_MODEL = Path(os.environ.get("MIXKV_VLLM_MODEL", CACHE / "smollm2-135m-hf")).expanduser()
-PLUGIN_VARS = ("MIXKV_VLLM_METHOD", "MIXKV_VLLM_BUDGET", "MIXKV_VLLM_WINDOW", "MIXKV_VLLM_TRACE", "MIXKV_VLLM_DUMP")
+PLUGIN_VARS = ("MIXKV_VLLM_METHOD", "MIXKV_VLLM_BUDGET", "MIXKV_VLLM_WINDOW", "MIXKV_VLLM_TRACE", "MIXKV_VLLM_DUMP",
+               "MIXKV_VLLM_PROFILE")
 BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M, float32: layers x (K, V) x KV heads x head dim x 4 B
 
 # The checks, in the order they run; ``--parts`` takes these names.
@@ -100,6 +101,14 @@ def run_job(job: Job) -> None:
         "generate_seconds": done - ready,
     }
     Path(job.out).write_text(json.dumps(result))
+
+
+def profile_env(method: str) -> dict[str, str]:
+    """MIXKV_VLLM_PROFILE for a method that reads a profile: the one mixkv ships for SmolLM2-135M."""
+    from mixkv.core.registry import needs_profile
+    from mixkv.testbeds.sources import shipped_profile
+
+    return {"MIXKV_VLLM_PROFILE": str(shipped_profile("smollm2-135m"))} if needs_profile(method) else {}
 
 
 def launch(job: Job, label: str) -> dict:
@@ -411,10 +420,10 @@ def part_preemption(args, tokenizer, work: Path) -> dict:
     # hold one request of max_len. Compressed: the smallest such pool, so the admitted requests' outputs
     # outgrow it. Full (the control): room for two prompts, so two run and their outputs outgrow it.
     prompt_blocks = -(-max(lengths) // bs)
-    pools = {"snapkv+mixkv": -(-max_len // bs) + 1 + args.preempt_spare,
+    pools = {"compressed": -(-max_len // bs) + 1 + args.preempt_spare,
              "full": max(-(-max_len // bs), 2 * prompt_blocks) + 1 + args.preempt_spare}
     print(f"(preemption) {len(ids)} prompts of {min(lengths)}-{max(lengths)} tokens, {tokens} output tokens each "
-          f"(EOS ignored); tight KV pools of {pools['snapkv+mixkv']} (compressed) and {pools['full']} (full) "
+          f"(EOS ignored); tight KV pools of {pools['compressed']} (compressed) and {pools['full']} (full) "
           f"blocks of {bs}, chunked prefill {args.preempt_chunk} tokens per step")
     engine = {"max_num_batched_tokens": args.preempt_chunk, "max_num_seqs": len(ids)}
     report: dict = {"prompt_tokens": lengths, "output_tokens": tokens, "pool_blocks": pools, "block_size": bs,
@@ -424,12 +433,14 @@ def part_preemption(args, tokenizer, work: Path) -> dict:
         env = {"MIXKV_VLLM_METHOD": method}
         if method != "full":
             env["MIXKV_VLLM_BUDGET"] = str(args.preempt_budget)
+            env.update(profile_env(method))
         runs = {}
         for pool in ("roomy", "tight"):
             trace = work / f"trace-pre-{method}-{pool}.jsonl"
             kwargs = llm_kwargs(args.model, max_len, bs, **engine)
             if pool == "tight":
-                kwargs["kv_cache_memory_bytes"] = pools[method] * bs * BYTES_PER_TOKEN
+                kind = "full" if method == "full" else "compressed"
+                kwargs["kv_cache_memory_bytes"] = pools[kind] * bs * BYTES_PER_TOKEN
             res = launch(Job({**env, "MIXKV_VLLM_TRACE": str(trace)}, kwargs, ids, tokens,
                              str(work / f"pre-{method}-{pool}.json"), ignore_eos=True), f"{method}, {pool} pool")
             index = engine_index(res["request_ids"])

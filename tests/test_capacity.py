@@ -69,23 +69,24 @@ def test_pyramid_by_hand():
     row = plan_row(TINY, WORK, tiny_pool(), "pyramidkv", 20)
     assert row.kind == "per-layer" and row.held_per_head == (45 + 14) / 2
     assert row.transformers.bytes_per_request == (45 + 14) * 2 * TOKEN_HEAD
-    # one block table for both layers: ceil(45 / 8) = 6 blocks in each
-    assert row.paged.bytes_per_request == 6 * 2 * PAGE
-    assert row.paged.requests == (BLOCK_IDS - (13 - 6)) // 6
-    # per-layer tables: 6 + 2 layer-blocks; the prefilling request holds 13 in each layer
-    assert row.paged_per_layer.bytes_per_request == 8 * PAGE
-    assert row.paged_per_layer.requests == (2 * BLOCK_IDS - (26 - 8)) // 8
+    # the vLLM plugin packs the kept prompt: (35 + 4) tokens per head over 2 layers x 2 heads, 16 tiles of 8 per
+    # block -> ceil(39 / 16) = 3 blocks; the 10 outputs in ceil(10 / 8) = 2 more; the prefilling one holds 13
+    assert row.paged.bytes_per_request == 5 * 2 * PAGE
+    assert row.paged.requests == (BLOCK_IDS - (13 - 5)) // 5
+    assert row.paged_per_layer == row.paged and row.padded is None
 
 
 def test_per_head_budgets_by_hand():
     row = plan_row(TINY, WORK, tiny_pool(), "adakv", 20)
     assert row.kind == "per-head"
     assert row.transformers.bytes_per_request == 1920  # on average the budget per head: same bytes as SnapKV
-    assert row.paged.requests is None and row.paged.note == "needs per-head paging"
-    sized = plan_row(TINY, WORK, tiny_pool(), "headkv+mixkv", 20, max_head_ratio=1.5)
-    # the largest head keeps 30 prompt tokens + 10 output: ceil(40 / 8) = 5 blocks in every layer
-    assert sized.paged.bytes_per_request == 5 * 2 * PAGE
-    assert sized.transformers.bytes_per_request == 1920
+    # packed: 20 per head on average, ceil(2 * 20 / 16) = 3 blocks, + 2 for the outputs, whatever the skew
+    assert row.paged.bytes_per_request == 5 * 2 * PAGE and row.paged.requests == (BLOCK_IDS - 8) // 5
+    assert row.padded is None
+    sized = plan_row(TINY, WORK, tiny_pool(), "headkv+mixkv", 20, max_head_ratio=3)
+    assert sized.paged == row.paged and sized.transformers.bytes_per_request == 1920
+    # padded to the largest head (60 prompt tokens + 10 outputs): ceil(70 / 8) = 9 blocks in every layer
+    assert sized.padded.bytes_per_request == 9 * 2 * PAGE
 
 
 def test_decode_budget_bounds_the_growth():
@@ -313,7 +314,7 @@ def test_command_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "capacity.json"
     assert main([*EXAMPLE, "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| method" in text and "| snapkv+mixkv |" in text and "needs per-head paging" in text
+    assert "| method" in text and "| snapkv+mixkv |" in text and "packed densely" in text
     payload = json.loads(out.read_text())
     rows = payload["results"]
     assert [r["method"] for r in rows[:2]] == ["full", "snapkv"] and len(rows) == 1 + 4 * 3

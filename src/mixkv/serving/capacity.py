@@ -8,11 +8,15 @@ turns them into bytes and concurrent requests for:
 * **transformers**, mixkv's own cache: exactly the kept tokens, packed without padding. Uniform
   methods keep ``B`` per head; head-adaptive ones keep ``B`` per head *on average* (their totals
   are exact), so the same bytes; PyramidKV keeps its per-layer schedule.
-* **paged serving** as vLLM lays it out: a block holds ``block_size`` token slots of one layer for
-  every KV head, one block table per request serves all layers (``ceil(tokens / block_size)``
-  blocks per layer), so every layer and head is sized for the largest head of any layer. The
-  request also holds its whole prompt until the compression after prefill; ``prefilling``
-  requests at a time pay that peak.
+* **paged serving** as mixkv's vLLM plugin lays it out: a block holds ``block_size`` token slots of one
+  layer for every KV head, one block table per request serves all layers. Uniform methods keep their
+  ``B`` tokens in place (``ceil((B + O) / block_size)`` blocks). Per-layer and per-head methods pack every
+  head's kept prompt tokens densely into whole blocks (a block holds ``L * H`` tiles of ``block_size``
+  tokens, one per layer and head: ``ceil(sum of kept / (L H block_size))`` blocks) and their outputs in
+  blocks after those (``ceil(O / block_size)``); see ``integrations/vllm/paging.py``. The request also
+  holds its whole prompt until the compression after prefill; ``prefilling`` requests at a time pay that
+  peak. ``max_head_ratio`` (measured largest head / budget) adds a note: what padding every head to the
+  largest would fit instead, the engine without per-head paging.
 
 docs/serving.md gives the formulas and what a paged engine needs for each kind of budget. Pure
 functions over integers: no torch, no model.
@@ -195,9 +199,11 @@ class Row:
     """Peak tokens per KV head with the output, mean over layers and heads (transformers' bytes)."""
     transformers: Layout
     paged: Layout
-    """vLLM's layout as it is: one block table per request for all layers."""
+    """mixkv's vLLM plugin: one block table per request for all layers; per-layer / per-head methods packed."""
     paged_per_layer: Layout
-    """Design: one block table per layer (differs for PyramidKV only)."""
+    """Design: one block table per layer (the same as ``paged`` for packed methods)."""
+    padded: Layout | None = None
+    """Per-head methods with ``max_head_ratio``: every head padded to the largest (no per-head paging)."""
 
 
 @dataclass
@@ -217,20 +223,29 @@ class Plan:
 
     def factor(self, row: Row, layout: str) -> float | None:
         """How many times the full cache's concurrent requests ``row`` serves in ``layout``."""
-        mine, full = getattr(row, layout).requests, getattr(self.full, layout).requests
+        if getattr(row, layout) is None:
+            return None
+        mine = getattr(row, layout).requests
+        full = getattr(self.full, "paged" if layout == "padded" else layout).requests
         return None if mine is None or not full else mine / full
 
     def compression(self, row: Row, layout: str = "transformers") -> float | None:
         """Full cache bytes per request over ``row``'s."""
-        mine, full = getattr(row, layout).bytes_per_request, getattr(self.full, layout).bytes_per_request
+        if getattr(row, layout) is None:
+            return None
+        mine = getattr(row, layout).bytes_per_request
+        full = getattr(self.full, "paged" if layout == "padded" else layout).bytes_per_request
         return None if not mine or full is None else full / mine
 
     def to_dict(self) -> dict:
         results = []
         for row in self.rows:
-            d = {k: v for k, v in asdict(row).items() if k not in ("transformers", "paged", "paged_per_layer")}
-            for name in ("transformers", "paged", "paged_per_layer"):
+            d = {k: v for k, v in asdict(row).items() if k not in ("transformers", "paged", "paged_per_layer",
+                                                                       "padded")}
+            for name in ("transformers", "paged", "paged_per_layer", "padded"):
                 layout = getattr(row, name)
+                if layout is None:
+                    continue
                 d[name] = {**asdict(layout), "x_full_requests": self.factor(row, name),
                            "compression": self.compression(row, name)}
             results.append(d)
@@ -242,8 +257,8 @@ class Plan:
 def _paged(shape: ModelShape, work: Workload, pool: Pool, slots: list[int], compressed: bool) -> tuple[Layout, Layout]:
     """Both paged layouts for a request whose layer ``l`` needs ``slots[l]`` token slots per head."""
     layers, bs = shape.num_layers, pool.block_size
-    page = 2 * shape.num_kv_heads * shape.head_dim * bs * pool.dtype_bytes  # one layer, all KV heads
-    block_ids = max(pool.bytes // (layers * page) - VLLM_NULL_BLOCKS, 0)  # a block id spans every layer
+    page = _page(shape, pool)
+    block_ids = _block_ids(shape, pool)
     prompt_blocks = math.ceil(work.prompt_tokens / bs) if compressed else 0
     per_layer = [math.ceil(s / bs) for s in slots]
     shared = max(per_layer)
@@ -251,6 +266,30 @@ def _paged(shape: ModelShape, work: Workload, pool: Pool, slots: list[int], comp
     own = Layout(sum(per_layer) * page,
                  fit(block_ids * layers, sum(per_layer), prompt_blocks * layers, pool.prefilling))
     return table, own
+
+
+def _page(shape: ModelShape, pool: Pool) -> int:
+    """Bytes of one block in one layer (all KV heads)."""
+    return 2 * shape.num_kv_heads * shape.head_dim * pool.block_size * pool.dtype_bytes
+
+
+def _block_ids(shape: ModelShape, pool: Pool) -> int:
+    """Blocks in the pool (a block id spans every layer), less vLLM's null block."""
+    return max(pool.bytes // (shape.num_layers * _page(shape, pool)) - VLLM_NULL_BLOCKS, 0)
+
+
+def packed_blocks(kept: list[int], outputs: int, block_size: int) -> int:
+    """Blocks a per-layer / per-head request holds in the vLLM plugin: its kept prompt tokens packed densely
+    (``kept[l]``: mean per head of layer ``l``, so ``sum(kept) * H`` tokens in tiles of ``block_size`` tokens,
+    ``L * H`` tiles per block), then its outputs in blocks of their own."""
+    return math.ceil(sum(kept) / (len(kept) * block_size)) + math.ceil(outputs / block_size)
+
+
+def _packed(shape: ModelShape, work: Workload, pool: Pool, kept: list[int], held: list[int]) -> Layout:
+    blocks = packed_blocks(kept, max(h - k for h, k in zip(held, kept)), pool.block_size)
+    prompt_blocks = math.ceil(work.prompt_tokens / pool.block_size)
+    return Layout(blocks * shape.num_layers * _page(shape, pool),
+                  fit(_block_ids(shape, pool), blocks, prompt_blocks, pool.prefilling))
 
 
 def plan_row(shape: ModelShape, work: Workload, pool: Pool, method: str, budget: int | None,
@@ -272,16 +311,16 @@ def plan_row(shape: ModelShape, work: Workload, pool: Pool, method: str, budget:
     token_bytes = 2 * shape.head_dim * pool.dtype_bytes  # one token's key and value in one head
     nbytes = sum(held) * heads * token_bytes
     transformers = Layout(nbytes, pool.bytes // nbytes)
-    if kind == "per-head" and work.prompt_tokens > budget:
-        if max_head_ratio is None:
-            none = Layout(None, None, "needs per-head paging")
-            return Row(method, budget, kind, sum(kept) / layers, sum(held) / layers, transformers, none, none)
-        biggest = min(work.prompt_tokens, math.ceil(max_head_ratio * budget))
-        alloc = None if work.decode_budget is None else math.ceil(max_head_ratio * work.decode_budget)
-        slots = [peak_held(biggest, work, compressed, alloc)] * layers
-    else:
-        slots = held
-    paged, paged_per_layer = _paged(shape, work, pool, slots, compressed)
+    if kind in ("per-head", "per-layer") and work.prompt_tokens > budget:
+        packed = _packed(shape, work, pool, kept, held)
+        padded = None
+        if kind == "per-head" and max_head_ratio is not None:  # without per-head paging: every head the largest
+            biggest = min(work.prompt_tokens, math.ceil(max_head_ratio * budget))
+            alloc = None if work.decode_budget is None else math.ceil(max_head_ratio * work.decode_budget)
+            padded = _paged(shape, work, pool, [peak_held(biggest, work, compressed, alloc)] * layers, compressed)[0]
+        return Row(method, budget, kind, sum(kept) / layers, sum(held) / layers, transformers, packed, packed,
+                   padded)
+    paged, paged_per_layer = _paged(shape, work, pool, held, compressed)
     return Row(method, budget, kind, sum(kept) / layers, sum(held) / layers, transformers, paged, paged_per_layer)
 
 
@@ -308,17 +347,15 @@ def plan(shape: ModelShape, work: Workload, pool: Pool, methods: list[str], budg
 def _notes(p: Plan) -> list[str]:
     notes = []
     kinds = {r.kind for r in p.rows}
-    for method in dict.fromkeys(r.method for r in p.rows if r.kind == "per-layer"):
-        own = ", ".join(f"B={r.budget}: {r.paged_per_layer.requests}" for r in p.rows if r.method == method)
-        notes.append(f"paged {method}: vLLM keeps one block table per request for all layers, so every layer is "
-                     f"sized for the largest layer budget (the bottom layer's); per-layer block tables would fit "
-                     f"{own} requests")
-    if any(r.paged.note for r in p.rows):
-        notes.append("paged, per-head budgets: the largest head depends on the prompt; give --max-head-ratio "
-                     "(largest head's kept tokens / budget, measured) or see docs/serving.md for per-head paging")
-    elif p.max_head_ratio is not None and "per-head" in kinds:
-        notes.append(f"paged, per-head budgets: every head sized for the largest, {p.max_head_ratio:g} x the budget "
-                     "(--max-head-ratio)")
+    if kinds & {"per-layer", "per-head"}:
+        notes.append("paged, per-layer and per-head budgets: every head's kept tokens packed densely into whole "
+                     "blocks (mixkv's vLLM plugin; docs/serving.md), so a request holds the method's own memory "
+                     "rounded up to one block, whatever the head skew")
+    padded = [r for r in p.rows if r.padded is not None]
+    if padded:
+        fits = ", ".join(f"{r.method}@{r.budget}: {r.padded.requests}" for r in padded)
+        notes.append(f"without per-head paging (every head padded to the largest, {p.max_head_ratio:g} x the budget, "
+                     f"--max-head-ratio) the pool would fit {fits} requests")
     if p.work.decode_budget is not None:
         notes.append(f"decode budget {p.work.decode_budget}: a compressed head holds at most max(kept, its allocation "
                      f"at {p.work.decode_budget}, {p.work.decode_budget}) + {p.work.decode_every} tokens while "

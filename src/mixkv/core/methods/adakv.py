@@ -28,6 +28,7 @@ class AdaKV(BudgetedMethod):
     normalize: bool = True
     name = "adakv"
     allocation = Allocation.PER_HEAD
+    keeps_full_budget = True  # exact apportionment (or the same count) in every head: budget x L x H
 
     def __post_init__(self) -> None:
         super().__post_init__()

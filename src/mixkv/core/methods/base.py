@@ -54,6 +54,10 @@ class Method(ABC):
     ``UNIFORM`` methods): never decided from a method's name. Undeclared: per-head, the most general."""
     profile_field: ClassVar[str | None] = None
     """The constructor parameter a calibration profile goes to (``make_method(..., profile=)``), if any."""
+    keeps_full_budget: ClassVar[bool] = False
+    """Declared trait: a compressed prompt keeps exactly ``budget`` tokens per head *on average over the whole
+    model*, whatever its scores (uniform methods, and those that apportion a fixed total among heads). A paged
+    engine can then size a request from its prompt length alone; without it, the allocation is asked."""
 
     @property
     @abstractmethod
@@ -197,6 +201,10 @@ class ScoreWrapper(Method):
     @property
     def allocation(self) -> Allocation:  # type: ignore[override]
         return self.base.allocation  # a wrapper changes scores inside heads, never the allocation
+
+    @property
+    def keeps_full_budget(self) -> bool:  # type: ignore[override]
+        return self.base.keeps_full_budget
 
     @property
     def window(self) -> int:

@@ -58,6 +58,7 @@ class HeadKV(BudgetedMethod):
     beta: float = defaults.HEADKV_BETA
     name = "headkv"
     allocation = Allocation.PER_HEAD
+    keeps_full_budget = True  # exact apportionment (or the same count) in every head: budget x L x H
     profile_field = "retrieval_scores"
 
     def __post_init__(self) -> None:

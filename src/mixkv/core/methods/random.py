@@ -23,6 +23,7 @@ class RandomKV(BudgetedMethod):
     seed: int = 0
     name = "random"
     allocation = Allocation.UNIFORM
+    keeps_full_budget = True  # exact apportionment (or the same count) in every head: budget x L x H
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -25,6 +25,7 @@ class SnapKV(BudgetedMethod):
 
     name = "snapkv"
     allocation = Allocation.UNIFORM
+    keeps_full_budget = True  # exact apportionment (or the same count) in every head: budget x L x H
 
     def allocate(self, layer: LayerPrefill) -> torch.Tensor:
         return budgets.uniform_counts(self.candidates_per_sequence(layer), layer.n_cand, layer.num_kv_heads)

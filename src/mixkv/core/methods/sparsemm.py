@@ -32,6 +32,7 @@ class SparseMM(BudgetedMethod):
     ratio_uniform: float = defaults.SPARSEMM_RATIO
     name = "sparsemm"
     allocation = Allocation.PER_HEAD
+    keeps_full_budget = True  # exact apportionment (or the same count) in every head: budget x L x H
     profile_field = "head_scores"
 
     def __post_init__(self) -> None:

@@ -34,7 +34,8 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
 def kept_agreement(ours: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> float:
     """Share of ``theirs``' kept positions that ``ours`` kept too, over prompts, layers and KV heads.
 
-    Each element is one prompt's kept positions ``(L, H, B)``; NaN when there is nothing to compare.
+    Each element is one prompt's kept positions ``(L, H, B)``; negative entries are filler (per-head methods keep
+    different numbers per head, padded with -1). NaN when there is nothing to compare.
     """
     same = total = 0
     for a, b in zip(ours, theirs):
@@ -42,10 +43,15 @@ def kept_agreement(ours: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor])
             raise ValueError(f"kept positions of different layouts: {tuple(a.shape)} vs {tuple(b.shape)}")
         for layer in range(b.shape[0]):
             for head in range(b.shape[1]):
-                x, y = set(a[layer, head].tolist()), set(b[layer, head].tolist())
+                x, y = _kept(a[layer, head]), _kept(b[layer, head])
                 same += len(x & y)
                 total += len(y)
     return same / total if total else float("nan")
+
+
+def _kept(positions: torch.Tensor) -> set[int]:
+    """A head's kept positions without filler (negative entries)."""
+    return {p for p in positions.tolist() if p >= 0}
 
 
 def agreement_by_task(rows: Sequence[dict]) -> dict[str, dict]:
@@ -102,7 +108,7 @@ def kept_differences(scores: Sequence[torch.Tensor], ours: torch.Tensor, theirs:
     out = []
     for layer in range(theirs.shape[0]):
         for head in range(theirs.shape[1]):
-            a, b = set(ours[layer, head].tolist()), set(theirs[layer, head].tolist())
+            a, b = _kept(ours[layer, head]), _kept(theirs[layer, head])
             if a == b:
                 continue
             row = scores[layer][head]

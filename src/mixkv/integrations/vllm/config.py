@@ -15,15 +15,20 @@ in each of them; environment variables reach every one of them, whether the engi
   there (``<request id>.pt``; with tensor parallelism one file per rank, ``<request id>.tp<rank>.pt``,
   each holding that rank's KV heads), so a check can compare them with ``mixkv.press``'s.
 
+* ``MIXKV_VLLM_PROFILE``: a calibration profile (``mixkv calibrate``), needed by the methods that read one
+  (SparseMM's head scores, HeadKV's retrieval scores); its shape is checked against the served model when the
+  engine starts.
+
 Decisions (the issue is silent on them):
 
-* Only **uniform** methods are accepted: every head of every layer keeps ``budget`` tokens, so the
-  kept tokens fit vLLM's paged blocks as they are (one block table per request for all layers,
-  every head of a layer in the same slots). Per-layer (PyramidKV) and per-head (AdaKV, SparseMM,
-  HeadKV) budgets are refused with the reason, not silently padded: padding them to the largest
-  layer or head would still run but would not be the method's memory.
-* MixKV's head redundancy is computed online (from the prompt); a profile path cannot be given
-  here (no profile-driven method is uniform).
+* Every allocation is served. **Uniform** methods (every head of every layer keeps ``budget`` tokens) keep
+  their tokens in vLLM's paged blocks as they are and vLLM's own kernel attends over them. **Per-layer** and
+  **per-head** methods (PyramidKV, AdaKV, SparseMM, HeadKV) pack each head's kept tokens densely into whole
+  blocks and the plugin attends over them itself (:mod:`.paging`, :mod:`.paged_attention`), so a request
+  holds the method's own memory, not the largest head's. Both processes must know a request's size from its
+  prompt length alone, so a per-head method must declare ``keeps_full_budget`` (its total is the budget
+  however heads share it); one that does not is refused by that trait.
+* MixKV's head redundancy is computed online (from the prompt), the library's default.
 * Errors name the variable and the accepted values; they are raised when the plugin loads, i.e.
   when the engine starts, not at the first request.
 """
@@ -33,27 +38,19 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from mixkv.core import defaults
 from mixkv.core.methods.base import Allocation, Method
-from mixkv.core.registry import allocation_of, available_methods, make_method
+from mixkv.core.registry import BASES, allocation_of, available_methods, make_method, needs_profile
 
 ENV_METHOD = "MIXKV_VLLM_METHOD"
 ENV_BUDGET = "MIXKV_VLLM_BUDGET"
 ENV_WINDOW = "MIXKV_VLLM_WINDOW"
 ENV_TRACE = "MIXKV_VLLM_TRACE"
 ENV_DUMP = "MIXKV_VLLM_DUMP"
+ENV_PROFILE = "MIXKV_VLLM_PROFILE"
 DEFAULT_BUDGET = defaults.SERVING_BUDGET
-
-# Why a declared allocation other than uniform cannot be served yet (the method's trait decides, not its name).
-WHY_NOT = {
-    "pyramidkv": "PyramidKV gives layers different budgets; vLLM 0.32 has one block table per request for "
-                 "all layers, so every layer would be sized for the largest (see docs/serving.md)",
-    "adakv": "AdaKV gives heads different budgets; vLLM's blocks hold every head of a layer in the same slots, "
-             "so it needs per-head paging (see docs/serving.md)",
-    "sparsemm": "SparseMM gives heads different budgets (per-head paging needed, see docs/serving.md)",
-    "headkv": "HeadKV gives heads different budgets (per-head paging needed, see docs/serving.md)",
-}
 
 
 @dataclass(frozen=True)
@@ -65,16 +62,22 @@ class PluginConfig:
     window: int
     trace_path: str | None = None
     dump_dir: str | None = None
+    profile: str | None = None
 
     @property
     def compresses(self) -> bool:
         return self.method_name != "full"
 
+    @property
+    def paged(self) -> bool:
+        """True for per-layer and per-head methods: packed prompt blocks and the plugin's own attention."""
+        return self.compresses and allocation_of(self.method_name) is not Allocation.UNIFORM
+
     def make_method(self) -> Method | None:
         """The mixkv method object (built per process: methods are cheap dataclasses)."""
         if not self.compresses:
             return None
-        return make_method(self.method_name, budget=self.budget, window=self.window)
+        return make_method(self.method_name, budget=self.budget, window=self.window, profile=self.profile)
 
 
 def _int_var(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -94,14 +97,11 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | 
     if not raw:
         return None
     name = raw.lower()
-    base, _, _wrapper = name.partition("+")
     if name != "full" and name not in available_methods():
         raise ValueError(f"{ENV_METHOD}={raw!r} is not a mixkv method; accepted here: "
                          f"{', '.join(accepted_methods())}")
-    if name != "full" and allocation_of(name) is not Allocation.UNIFORM:
-        reason = WHY_NOT.get(base, f"{base} does not keep the same number of tokens in every head and layer "
-                                   f"(its allocation is {allocation_of(name).value})")
-        raise ValueError(f"{ENV_METHOD}={raw!r} is not supported by the vLLM plugin yet: {reason}. "
+    if name != "full" and (reason := why_not_served(name)):
+        raise ValueError(f"{ENV_METHOD}={raw!r} is not supported by the vLLM plugin: {reason}. "
                          f"Accepted: {', '.join(accepted_methods())}")
     budget = _int_var(env, ENV_BUDGET, DEFAULT_BUDGET)
     window = _int_var(env, ENV_WINDOW, defaults.WINDOW)
@@ -112,11 +112,27 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | 
                          f"window's {window} tokens, so use {ENV_BUDGET} >= {window + 1}")
     trace = env.get(ENV_TRACE, "").strip() or None
     dump = env.get(ENV_DUMP, "").strip() or None
-    config = PluginConfig(method_name=name, budget=budget, window=window, trace_path=trace, dump_dir=dump)
-    config.make_method()  # the method's own checks (budget range, ...) fail here, at engine start
+    profile = env.get(ENV_PROFILE, "").strip() or None
+    if name != "full" and needs_profile(name) and profile is None:
+        raise ValueError(f"{ENV_METHOD}={raw!r} reads a calibration profile: set {ENV_PROFILE} to one made for the "
+                         "served model (`mixkv calibrate`; the toy VLM's ships in mixkv/testbeds/profiles/)")
+    if profile is not None and not Path(profile).is_file():
+        raise ValueError(f"{ENV_PROFILE}={profile!r} is not a file")
+    config = PluginConfig(method_name=name, budget=budget, window=window, trace_path=trace, dump_dir=dump,
+                          profile=profile)
+    config.make_method()  # the method's own checks (budget range, profile format, ...) fail here, at engine start
     return config
 
 
+def why_not_served(name: str) -> str | None:
+    """Why a registered method cannot be served (None: it can), from its declared traits, never its name."""
+    method_class = BASES[name.partition("+")[0]]
+    if method_class.allocation is Allocation.PER_HEAD and not method_class.keeps_full_budget:
+        return ("its allocation is per head and it does not declare keeps_full_budget, so a request's size "
+                "cannot be known from its prompt length before its scores are computed")
+    return None
+
+
 def accepted_methods() -> list[str]:
-    """Names the plugin accepts: ``full`` and every uniform base, alone or wrapped."""
-    return ["full"] + [m for m in available_methods() if allocation_of(m) is Allocation.UNIFORM]
+    """Names the plugin accepts: ``full`` and every method whose traits it can page (see :func:`why_not_served`)."""
+    return ["full"] + [m for m in available_methods() if m != "full" and why_not_served(m) is None]

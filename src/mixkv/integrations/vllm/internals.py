@@ -107,10 +107,12 @@ EXECUTE_MODEL = Internal(_at(_RUNNER, "GPUModelRunner.execute_model"),
                          params=("self", "scheduler_output"), compress_only=True)
 CPU_ATTENTION_IMPL = Internal(_at(_CPU_ATTN, "CPUAttentionBackendImpl"),
                               "the CPU attention backend (the only cache layout the plugin reads)",
-                              attrs=("attn_type", "num_heads", "head_size", "scale", "kv_cache_dtype"),
+                              attrs=("attn_type", "num_heads", "head_size", "scale", "kv_cache_dtype",
+                                     "sliding_window", "alibi_slopes", "logits_soft_cap", "sinks"),
                               compress_only=True)
 CPU_ATTENTION_FORWARD = Internal(_at(_CPU_ATTN, "CPUAttentionBackendImpl.forward"),
-                                 "wrapped: copy each layer's window queries (after RoPE) during prefill",
+                                 "wrapped: copy each layer's window queries (after RoPE) during prefill; attend for "
+                                 "per-head requests (returns the output it wrote)",
                                  params=("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata"),
                                  compress_only=True)
 
@@ -147,6 +149,8 @@ TOTAL_KV_HEADS = Internal("vllm.config:ModelConfig.get_total_num_kv_heads",
 VLLM_CONFIG = Internal("vllm.config:VllmConfig", "engine set-up the scheduler wrapper checks",
                        attrs=("cache_config", "scheduler_config", "parallel_config", "model_config",
                               "use_v2_model_runner", "max_concurrent_batches"), compress_only=True)
+MODEL_CONFIG = Internal("vllm.config:ModelConfig", "read: the served model's name (a profile's shape check names it)",
+                        attrs=("model",), compress_only=True)
 CACHE_CONFIG = Internal("vllm.config:CacheConfig", "written: prefix caching off", attrs=("enable_prefix_caching",),
                         compress_only=True)
 SCHEDULER_CONFIG = Internal("vllm.config:SchedulerConfig", "read: async scheduling", attrs=("async_scheduling",),

@@ -33,9 +33,11 @@ import torch
 from . import attention_patch
 from . import internals as vi
 from .capture import StepCapture, WindowStore
-from .compact import Compaction, compact_request
+from .compact import Compaction, compact_paged, compact_request
 from .config import PluginConfig
 from .kvlayout import KVLayout, detect_layout
+from .paged_attention import PagedRequest, build_step
+from .paging import Geometry, PackedPrompt, PagedRule, flat_storage
 from .slots import CompressionRule, window_tokens
 
 logger = logging.getLogger("mixkv.vllm")
@@ -54,6 +56,9 @@ class RunnerState:
     finishing: list[tuple[str, int]] = field(default_factory=list)
     compress_seconds: float = 0.0
     compressed: int = 0
+    paged: PagedRule | None = None  # per-layer / per-head methods: packed prompts (:mod:`.paging`)
+    geometry: Geometry | None = None
+    packed: dict[str, PackedPrompt] = field(default_factory=dict)
 
 
 def _layer_order(names: list[str]) -> list[str]:
@@ -85,6 +90,19 @@ def _check_layout(runner, names: list[str]) -> KVLayout:
     return layout
 
 
+def _check_paged_attention(impl) -> None:
+    """The plugin's own attention (per-head requests) computes plain softmax attention: refuse what it omits."""
+    window = getattr(impl, "sliding_window", -1)
+    extras = {"sliding_window": window not in (-1, None),
+              "alibi_slopes": getattr(impl, "alibi_slopes", None) is not None,
+              "logits_soft_cap": bool(getattr(impl, "logits_soft_cap", None) or 0),
+              "sinks": getattr(impl, "sinks", None) is not None}
+    found = [k for k, v in extras.items() if v]
+    if found:
+        raise RuntimeError(f"mixkv's per-layer / per-head paging attends with plain softmax attention; this model's "
+                           f"attention uses {', '.join(found)}: serve a uniform method (snapkv, snapkv+mixkv)")
+
+
 def _state(runner) -> RunnerState:
     state = getattr(runner, "_mixkv", None)
     if state is not None:
@@ -96,9 +114,18 @@ def _state(runner) -> RunnerState:
     names = _layer_order(list(groups[0].layer_names))
     layout = _check_layout(runner, names)
     store = WindowStore(window=config.window, layer_index={n: i for i, n in enumerate(names)})
-    state = RunnerState(config=config, rule=CompressionRule(config.budget, config.window), method=config.make_method(),
-                        store=store, layer_names=names, block_size=groups[0].kv_cache_spec.block_size,
-                        layout=layout)
+    method = config.make_method()
+    block_size = groups[0].kv_cache_spec.block_size
+    rule, paged, geometry = CompressionRule(config.budget, config.window), None, None
+    if config.paged:
+        context = runner.compilation_config.static_forward_context
+        _check_paged_attention(context[names[0]].impl)
+        kv_caches = [context[name].kv_cache for name in names]
+        geometry = Geometry.of(kv_caches)
+        paged = PagedRule(method, len(names), geometry.num_kv_heads, block_size)
+        rule = CompressionRule(config.budget, config.window, prompt_slots=paged.prompt_slots)
+    state = RunnerState(config=config, rule=rule, method=method, store=store, layer_names=names,
+                        block_size=block_size, layout=layout, paged=paged, geometry=geometry)
     attention_patch.STORE = store
     runner._mixkv = state
     return state
@@ -128,6 +155,29 @@ def plan_step(runner, state: RunnerState, num_scheduled: np.ndarray) -> None:
         (rid, int(computed[i] + num_scheduled[i])) for i, rid in enumerate(req_ids)
         if not skip[i] and state.rule.finishes_prompt(int(computed[i]), int(num_scheduled[i]), int(prompt[i]))
     ]
+    if state.paged is not None:
+        attention_patch.PAGED = paged_step(runner, state, req_ids, computed, prompt, num_scheduled, starts)
+
+
+def paged_step(runner, state: RunnerState, req_ids: list[str], computed: np.ndarray, prompt: np.ndarray,
+               num_scheduled: np.ndarray, starts: np.ndarray) -> attention_patch.PagedContext | None:
+    """The rows of this step's packed requests and the addresses their attention reads (None: no such rows)."""
+    requests = []
+    for i, rid in enumerate(req_ids):
+        packed = state.packed.get(rid)
+        if packed is None or not num_scheduled[i]:
+            continue
+        s = int(num_scheduled[i])
+        first = int(computed[i]) - int(prompt[i]) + 1  # tokens after the prompt the first row sees, itself included
+        blocks = runner.requests[rid].block_ids[0][packed.prompt_blocks:]
+        requests.append(PagedRequest(rows=list(range(int(starts[i]), int(starts[i]) + s)),
+                                     visible=list(range(first, first + s)), prompt=packed, decode_blocks=blocks))
+    if not requests:
+        return None
+    context = runner.compilation_config.static_forward_context
+    flat = flat_storage(context[state.layer_names[0]].kv_cache)
+    return attention_patch.PagedContext(step=build_step(state.geometry, requests), geometry=state.geometry,
+                                        flat=flat, layout=state.layout, layer_index=state.store.layer_index)
 
 
 def compress_finished_prompts(runner, state: RunnerState) -> None:
@@ -144,9 +194,14 @@ def compress_finished_prompts(runner, state: RunnerState) -> None:
         row = runner.input_batch.req_id_to_index[rid]
         prompt = int(runner.input_batch.num_prompt_tokens[row])
         job = Compaction(block_ids=list(req_state.block_ids[0]), prompt_length=prompt, computed=computed,
-                         queries=state.store.take(rid))
-        plans = compact_request(state.method, state.rule, job, kv_caches, state.block_size, state.store.scaling,
-                                layout=state.layout, keep_plans=state.config.dump_dir is not None)
+                         queries=state.store.take(rid), scaling=state.store.scaling)
+        dumping = state.config.dump_dir is not None
+        if state.paged is None:
+            plans = compact_request(state.method, state.rule, job, kv_caches, state.block_size, state.store.scaling,
+                                    layout=state.layout, keep_plans=dumping)
+        else:
+            state.packed[rid], plans = compact_paged(state.method, state.paged, job, kv_caches, layout=state.layout,
+                                                     keep_plans=dumping)
         keep = state.rule.blocks_kept(computed, prompt, state.block_size)
         del req_state.block_ids[0][keep:]
         old = int(table.num_blocks_per_row[row])
@@ -161,8 +216,10 @@ def compress_finished_prompts(runner, state: RunnerState) -> None:
             ids = req_state.prompt_token_ids
             rank, ranks = _tp_rank()
             name = f"{rid}.pt" if ranks == 1 else f"{rid}.tp{rank}.pt"  # each rank holds its own KV heads
+            width = max(p.shape[-1] for p in plans)  # per-head plans: filler -1 past each head's length
+            kept = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=-1) for p in plans])
             torch.save({"prompt_length": prompt, "prompt": list(ids) if ids is not None else None,
-                        "kept": torch.stack(plans), "tp_rank": rank, "tp_size": ranks}, out / name)
+                        "kept": kept, "tp_rank": rank, "tp_size": ranks}, out / name)
         logger.debug("mixkv: compressed %s (%d -> %d tokens, %d blocks kept)", rid, prompt, state.rule.budget, keep)
 
 
@@ -191,12 +248,14 @@ def patch_runner(config: PluginConfig) -> None:
         gone = set(scheduler_output.finished_req_ids) | set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
         for rid in gone:
             state.offsets.pop(rid, None)
+            state.packed.pop(rid, None)
         state.store.forget(gone)
         state.finishing = []
         try:
             result = execute(self, scheduler_output, *args, **kwargs)
         finally:
             state.store.step = None
+            attention_patch.PAGED = None
         compress_finished_prompts(self, state)
         return result
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from . import internals as vi
 from .config import PluginConfig
+from .paging import PagedRule
 from .slots import CompressionRule
 from .trace import StepRecord, TraceWriter, now
 
@@ -62,7 +63,7 @@ STATE: SchedulerState | None = None
 
 def engine_refusal(group_specs: list[str], v2_runner: bool, async_scheduling: bool,
                    concurrent_batches: int, pipeline_parallel: int, tensor_parallel: int = 1,
-                   kv_heads: int = 1) -> str | None:
+                   kv_heads: int = 1, paged: bool = False) -> str | None:
     """Why the plugin cannot compress in this engine configuration (None: it can).
 
     ``group_specs``: the class names of the KV cache groups' specs. The scheduler frees a request's
@@ -85,10 +86,26 @@ def engine_refusal(group_specs: list[str], v2_runner: bool, async_scheduling: bo
         return (f"mixkv's vLLM plugin needs tensor_parallel_size ({tensor_parallel}) not larger than the model's KV "
                 f"heads ({kv_heads}): vLLM would replicate each KV head over workers that each hold part of its "
                 f"query group, so the copies would keep different tokens; use a size that divides {kv_heads}")
+    if paged and tensor_parallel > 1:
+        return (f"mixkv's per-layer / per-head paging runs on one worker (tensor_parallel_size={tensor_parallel}): "
+                "each worker would hold its own heads' share of the budget, a different number of blocks per "
+                "worker where vLLM keeps one block table; serve a uniform method (snapkv, snapkv+mixkv) with "
+                "tensor parallelism, or this method on one worker")
     if concurrent_batches > 1:
         return (f"mixkv's vLLM plugin needs one batch in flight (vLLM would keep {concurrent_batches}): the "
                 "scheduler must not free blocks before the workers have compressed them")
     return None
+
+
+def paged_rule(config: PluginConfig, num_layers: int, kv_heads: int, block_size: int, model: str) -> CompressionRule:
+    """The compression rule of a per-layer / per-head method on this model; a profile made for another model's
+    shape is refused here, when the engine starts."""
+    from types import SimpleNamespace
+
+    method = config.make_method()
+    method.validate_for(SimpleNamespace(name=model, num_layers=num_layers, num_kv_heads=kv_heads))
+    paged = PagedRule(method, num_layers, kv_heads, block_size)
+    return CompressionRule(config.budget, config.window, prompt_slots=paged.prompt_slots)
 
 
 def _single_type_managers(scheduler) -> list:
@@ -148,10 +165,14 @@ def patch_scheduler(config: PluginConfig) -> None:
                                      int(vllm_config.max_concurrent_batches),
                                      int(vllm_config.parallel_config.pipeline_parallel_size),
                                      int(vllm_config.parallel_config.tensor_parallel_size),
-                                     int(vllm_config.model_config.get_total_num_kv_heads()))
+                                     int(vllm_config.model_config.get_total_num_kv_heads()), config.paged)
             if refusal:
                 raise RuntimeError(refusal)
         STATE.block_size = groups[0].kv_cache_spec.block_size if groups else 0
+        if config.paged:
+            STATE.rule = paged_rule(config, len(groups[0].layer_names),
+                                    int(vllm_config.model_config.get_total_num_kv_heads()), STATE.block_size,
+                                    str(vllm_config.model_config.model))
         if config.trace_path and STATE.trace is None:
             STATE.trace = TraceWriter(config.trace_path)
         logger.info("mixkv: %s, budget %d, window %d, block size %d", config.method_name, config.budget,

@@ -26,6 +26,7 @@ size), so they agree on which request was compressed, when, and how many blocks 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,13 +42,19 @@ class CompressionRule:
 
     budget: int
     window: int
+    prompt_slots: Callable[[int], int] | None = None
+    """Slots a compressed prompt of this length occupies: ``budget`` (uniform methods) unless given; per-head
+    methods pack their prompt into whole blocks (:meth:`.paging.PagedRule.prompt_slots`)."""
 
     def compresses(self, prompt_length: int) -> bool:
         return prompt_length > self.budget
 
     def offset(self, prompt_length: int) -> int:
         """Positions dropped: held slot = position - offset (0 when the prompt is kept whole)."""
-        return prompt_length - self.budget if self.compresses(prompt_length) else 0
+        if not self.compresses(prompt_length):
+            return 0
+        held = self.budget if self.prompt_slots is None else self.prompt_slots(prompt_length)
+        return prompt_length - held
 
     def finishes_prompt(self, computed: int, scheduled: int, prompt_length: int) -> bool:
         """True for the step after which the request is compressed."""

@@ -201,10 +201,16 @@ def plot(report: dict, path: Path) -> Path:
                     label=s["label"])
         ax.annotate(s["label"], (x, a["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([2, 3, 4, 6, 8, 10, 15, 20])
     ax.set_xlabel("requests running at once (mean while others queued; log)")
     ax.set_ylabel("accuracy, 5 toy tasks (%)")
-    ax.set_title(f"toy VLM in vLLM, one pool of {report['pool_blocks']} blocks "
-                 f"({report['pool_requests']} full requests), n={report['n_per_task']}/task", fontsize=9)
+    step = report.get("max_num_batched_tokens", "vLLM's default")
+    ax.set_title(f"toy VLM in vLLM, one pool of {report['pool_blocks']} blocks ({report['pool_requests']} full "
+                 f"requests), n={report['n_per_task']}/task; tokens per step: {step}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

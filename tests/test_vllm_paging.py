@@ -149,3 +149,50 @@ def test_compaction_and_attention_equal_masked_attention_over_the_kept_tokens(na
                 pos = torch.cat([pos, torch.arange(prompt, prompt + seen)])
                 ref = torch.softmax(keys[h, pos] @ query[row, qh] * D ** -0.5, 0) @ values[h, pos]
                 torch.testing.assert_close(got[i, qh], ref)
+
+
+def test_a_step_of_several_requests_pads_each_to_the_widest_and_masks_the_rest(tmp_path):
+    """Two packed requests of different budgets and decode lengths in one step: every row equals its own reference."""
+    torch.manual_seed(4)
+    window, tail = 4, 0
+    caches = shared_caches(40, interleaved=True, seed=5)
+    geom = Geometry.of(caches)
+    jobs = []
+    for budget, prompt, block_ids, seen in ((12, 30, [1, 3, 5, 7, 9, 11, 13, 15, 17], [2, 5]),
+                                            (20, 36, [20, 22, 24, 26, 28, 30, 32, 34, 36, 38], [9])):
+        method = make_method("headkv+mixkv", budget=budget, window=window, profile=_profile(tmp_path, budget))
+        slots = torch.from_numpy(slot_ids(block_ids, BS, prompt))
+        before = [(read_slots(split_kv(kv)[0], slots), read_slots(split_kv(kv)[1], slots)) for kv in caches]
+        job = Compaction(block_ids=block_ids, prompt_length=prompt, computed=prompt + tail,
+                         queries=torch.randn(L, HQ, window, D) * 3, scaling=D ** -0.5)
+        packed, plans = compact_paged(method, PagedRule(method, L, H, BS), job, caches, keep_plans=True)
+        # tokens after the prompt, written at their held slots as the engine would
+        start = packed.prompt_blocks * BS
+        extra = max(seen)
+        decoded = [(torch.randn(H, extra, D), torch.randn(H, extra, D)) for _ in range(L)]
+        held = torch.from_numpy(slot_ids(block_ids, BS, extra, start=start))
+        for kv, (k, v) in zip(caches, decoded):
+            write_slots(split_kv(kv)[0], held, k)
+            write_slots(split_kv(kv)[1], held, v)
+        jobs.append((packed, plans, before, decoded, prompt, block_ids, seen))
+    rows = iter(range(10))
+    requests = [PagedRequest(rows=[next(rows) for _ in seen], visible=seen, prompt=packed,
+                             decode_blocks=block_ids[packed.prompt_blocks:])
+                for packed, _, _, _, _, block_ids, seen in jobs]
+    step = build_step(geom, requests)
+    query = torch.randn(5, HQ, D)
+    flat = flat_storage(caches[0])
+    for layer in range(L):
+        got = attend(step, layer, query, flat, geom, D ** -0.5, False, False)
+        i = 0
+        for (_packed, plans, before, decoded, prompt, _, seen), req in zip(jobs, requests):
+            keys = torch.cat([before[layer][0], decoded[layer][0]], dim=1)
+            values = torch.cat([before[layer][1], decoded[layer][1]], dim=1)
+            for row, visible in zip(req.rows, seen):
+                for qh in range(HQ):
+                    h = qh // (HQ // H)
+                    pos = plans[layer][h][plans[layer][h] >= 0]
+                    pos = torch.cat([pos, torch.arange(prompt, prompt + visible)])
+                    ref = torch.softmax(keys[h, pos] @ query[row, qh] * D ** -0.5, 0) @ values[h, pos]
+                    torch.testing.assert_close(got[i, qh], ref)
+                i += 1

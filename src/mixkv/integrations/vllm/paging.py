@@ -170,13 +170,6 @@ def key_tiles(flat: torch.Tensor, geom: Geometry, transposed: bool) -> torch.Ten
     return flat[: n * geom.chunk].view(n, geom.block_size, geom.head_size)
 
 
-def read_tokens(tiles: torch.Tensor, chunks: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """Tokens at (chunk, offset) pairs of any shape ``S`` as ``S + (head_size,)``."""
-    if transposed:
-        return tiles[chunks, :, offsets]
-    return tiles[chunks, offsets, :]
-
-
 def write_tokens(tiles: torch.Tensor, chunks: torch.Tensor, offsets: torch.Tensor, tokens: torch.Tensor,
                  transposed: bool) -> None:
     data = tokens.to(tiles.dtype)
@@ -188,13 +181,21 @@ def write_tokens(tiles: torch.Tensor, chunks: torch.Tensor, offsets: torch.Tenso
 
 @dataclass
 class PackedPrompt:
-    """Where one request's kept prompt tokens live: per (layer, head) the key chunk and offset of each token
-    ``(L, H, n_max)`` (entries past ``lengths`` ``(L, H)`` are filler); values are at chunk + 1."""
+    """Where one request's kept prompt tokens live.
+
+    Per token: ``chunks``/``offsets`` ``(L, H, n_max)``, the key chunk and offset of each kept token of each
+    (layer, head) (entries past ``lengths`` ``(L, H)`` are filler; values are at chunk + 1), used to write them.
+    Per tile, for attention: ``tiles`` ``(L, H, T)`` the key chunks a head's tokens span (in order; filler
+    repeats a real one) and ``tile_mask`` ``(L, H, T * bs)`` which of those tiles' slots are this head's.
+    """
 
     chunks: torch.Tensor
     offsets: torch.Tensor
     lengths: torch.Tensor
     prompt_blocks: int
+    tiles: torch.Tensor
+    tile_mask: torch.Tensor
+    layer_tiles: torch.Tensor  # (L,) tiles layer l's widest head spans: what its attention reads
 
 
 def pack(lengths: torch.Tensor, block_ids: Sequence[int], geom: Geometry) -> PackedPrompt:
@@ -214,16 +215,25 @@ def pack(lengths: torch.Tensor, block_ids: Sequence[int], geom: Geometry) -> Pac
     blocks = torch.as_tensor(list(block_ids), dtype=torch.long)
     chunks = geom.tile_chunks((tile // heads) % num_layers, blocks[tile // (num_layers * heads)], tile % heads)
     offsets = k % geom.block_size
+    # tiles each head spans: global tiles first..last of its token range [start, start + n)
+    bs = geom.block_size
+    start = start.view(num_layers, heads)
+    first = start // bs
+    last = torch.where(lengths > 0, (start + lengths - 1) // bs, first)
+    width = int((last - first).max()) + 1 if lengths.numel() else 0
+    tile_ids = torch.minimum(first[..., None] + torch.arange(width), last[..., None])  # (L, H, T), filler repeats
+    tiles = geom.tile_chunks((tile_ids // heads) % num_layers, blocks[tile_ids // (num_layers * heads)],
+                             tile_ids % heads)
+    slot = (first[..., None] * bs + torch.arange(width * bs))  # global token index of each slot
+    in_range = (slot >= start[..., None]) & (slot < (start + lengths)[..., None])
     return PackedPrompt(chunks=chunks.masked_fill(~valid, 0), offsets=offsets.masked_fill(~valid, 0),
-                        lengths=lengths.clone(), prompt_blocks=p)
+                        lengths=lengths.clone(), prompt_blocks=p, tiles=tiles, tile_mask=in_range,
+                        layer_tiles=(last - first + 1).amax(dim=1))
 
 
-def decode_addresses(geom: Geometry, layer: int, block_ids: torch.Tensor,
-                     count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key chunks and offsets ``(H, count)`` of the first ``count`` tokens after the kept prompt, in vLLM's own
-    layout: slot ``s`` of the decode region is block ``block_ids[s // bs]``, offset ``s % bs``, in every head."""
-    s = torch.arange(count)
-    blocks = block_ids.long()[s // geom.block_size]
-    heads = torch.arange(geom.num_kv_heads)[:, None]
-    chunks = geom.tile_chunks(torch.tensor(layer), blocks[None, :], heads)
-    return chunks, (s % geom.block_size).expand(geom.num_kv_heads, count)
+def decode_tiles(geom: Geometry, block_ids: torch.Tensor) -> torch.Tensor:
+    """Key chunks ``(L, H, len(block_ids))`` of the decode blocks (after the kept prompt), in vLLM's own layout:
+    decode slot ``s`` is offset ``s % bs`` of block ``block_ids[s // bs]``, in every layer and head."""
+    layers = torch.arange(geom.num_layers)[:, None, None]
+    heads = torch.arange(geom.num_kv_heads)[None, :, None]
+    return geom.tile_chunks(layers, block_ids.long()[None, None, :], heads)

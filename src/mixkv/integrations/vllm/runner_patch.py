@@ -176,8 +176,9 @@ def paged_step(runner, state: RunnerState, req_ids: list[str], computed: np.ndar
         return None
     context = runner.compilation_config.static_forward_context
     flat = flat_storage(context[state.layer_names[0]].kv_cache)
+    chunks = flat[: (flat.numel() // state.geometry.chunk) * state.geometry.chunk].view(-1, state.geometry.chunk)
     return attention_patch.PagedContext(step=build_step(state.geometry, requests), geometry=state.geometry,
-                                        flat=flat, layout=state.layout, layer_index=state.store.layer_index)
+                                        flat=chunks, layout=state.layout, layer_index=state.store.layer_index)
 
 
 def compress_finished_prompts(runner, state: RunnerState) -> None:

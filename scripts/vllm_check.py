@@ -710,9 +710,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--parts: {error}")
     args.press_budgets = [int(b) for b in args.press_budgets.split(",")]
     args.preempt_methods = [m.strip() for m in args.preempt_methods.split(",")]
-    unknown = set(args.preempt_methods) - {"snapkv+mixkv", "full"}
+    from mixkv.integrations.vllm.config import accepted_methods
+
+    unknown = set(args.preempt_methods) - set(accepted_methods())
     if unknown:
-        ap.error(f"--preempt-methods: unknown {sorted(unknown)}; accepted: snapkv+mixkv, full")
+        ap.error(f"--preempt-methods: unknown {sorted(unknown)}; accepted: {', '.join(accepted_methods())}")
     args.skew_budgets = [int(b) for b in args.skew_budgets.split(",")]
     args.cap_requests = {k.strip(): int(v) for k, v in (item.split(":") for item in args.cap_requests.split(","))}
     return args

@@ -61,6 +61,7 @@ def test_eval_command_end_to_end(tiny_dir, tmp_path, capsys):
                        ("adakv+mixkv", 40), ("adakv+mixkv", 64)}
     assert all(r["n"] == 2 for r in rows if r["task"] != "mean")
     assert data["config"]["seed"] == 0 and data["config"]["runtime_s"] > 0
+    assert data["config"]["redundancy"] == "online" and data["config"]["profile"] is None
     printed = capsys.readouterr().out
     assert "snapkv+mixkv" in printed and "B=40" in printed
     with Image.open(plot) as im:

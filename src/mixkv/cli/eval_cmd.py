@@ -140,6 +140,16 @@ def shipped_profile_for(config: EvalConfig, model: str) -> str | None:
     return str(shipped)
 
 
+def _profile_label(profile, model: str) -> str | None:
+    """How the JSON names the profile a run read: the shipped one by its package path, another as given."""
+    if profile is None:
+        return None
+    shipped = sources.shipped_profile(model)
+    if shipped is not None and Path(profile).resolve() == shipped.resolve():
+        return f"shipped: src/mixkv/testbeds/profiles/{shipped.name}"
+    return str(profile)
+
+
 def run(args) -> int:
     if args.from_json:
         return replot(args)
@@ -192,6 +202,7 @@ def run(args) -> int:
             "methods": list(config.methods), "budgets": list(config.budgets), "tasks": names, "n": args.n,
             "seed": args.seed, "length": args.length, "window": args.window,
             "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "threads": threads, "stack": config.stack,
+            "redundancy": config.redundancy, "profile": _profile_label(config.profile, args.model),
             "prompt_tokens": {"min": min(lengths), "max": max(lengths)} if lengths else None,
             "machine": machine_description(), "runtime_s": round(elapsed, 1), "timing": out["timing"],
         },

@@ -79,7 +79,7 @@ vllm-paged-check: vllm-env
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_vlm_check.py --parts press-images \
 		--methods $(PAGED_METHODS) --budgets 64,128 --no-chunked --json results/vllm-paged.json
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_check.py --parts preemption \
-		--preempt-methods adakv+mixkv,headkv+mixkv --json results/vllm-paged-preemption.json
+		--preempt-methods adakv+mixkv --json results/vllm-paged-preemption.json
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python scripts/vllm_paged_check.py --json results/vllm-paged.json
 
 clean:

@@ -67,12 +67,24 @@ def test_generators_leave_global_random_state_alone() -> None:
 
 def test_suite_spreads_depths_and_counts() -> None:
     suite = T.make_suite(list(T.TASKS), 5, seed=0, length=500)
-    assert len(suite) == 15
-    assert [s.task for s in suite] == ["passkey"] * 5 + ["kv_retrieval"] * 5 + ["redundant"] * 5
+    assert len(suite) == 5 * len(T.TASKS)
+    assert [s.task for s in suite] == [t for t in T.TASKS for _ in range(5)]
     depths = [s.meta["depth"] for s in suite[:5]]
     assert depths == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
     assert T.make_suite(["passkey"], 1, 0, 500)[0].meta["depth"] == 0.5
     assert T.make_suite(["passkey"], 0, 0, 500) == []
+
+
+def test_suite_cycles_a_list_of_lengths() -> None:
+    suite = T.make_suite(["passkey", "passage_qa"], 4, seed=2, length=[400, 1200])
+    sizes = [T.approx_token_count(s.prompt) for s in suite]
+    for size, want in zip(sizes, [400, 1200] * 4, strict=True):
+        assert size == pytest.approx(want, rel=0.05)
+    # one length as a list is that length
+    assert T.make_suite(["passkey"], 2, 2, [400]) == T.make_suite(["passkey"], 2, 2, 400)
+    for bad in ([], [0], [400, -1], [True]):
+        with pytest.raises(ValueError, match="length"):
+            T.make_suite(["passkey"], 1, 0, bad)
 
 
 def test_sample_is_frozen() -> None:
@@ -151,6 +163,55 @@ def test_redundant_invariants(seed: int, length: int, depth: float, n_informativ
     assert abs(pos - depth) < 0.05 + 5 / len(units)
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32), length=st.integers(200, 3000), depth=st.floats(0.1, 0.9),
+       n_facts=st.integers(1, 5))
+def test_passage_qa_invariants(seed: int, length: int, depth: float, n_facts: int) -> None:
+    s = T.make_passage_qa(seed, length, depth=depth, n_facts=n_facts)
+    assert s.meta["fact"] in s.prompt and s.answer in s.meta["fact"]
+    assert whole_number_count(s.prompt, s.answer) == 1
+    assert s.prompt.rstrip().endswith(f"Question: {s.meta['question']} Answer with the number only.")
+    body = s.prompt.split("\n\n")[1]
+    numbers = re.findall(r"\d+", body)
+    assert len(numbers) == n_facts and len(set(numbers)) == n_facts  # one distinct value per fact
+    # the question paraphrases the fact: not a copy of the sentence
+    assert s.meta["question"] not in s.meta["fact"]
+    rel = body.index(s.meta["fact"]) / len(body)
+    assert abs(rel - depth) < 0.05 + 300 / len(body)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32), length=st.integers(200, 3000), depth=st.floats(0.1, 0.9))
+def test_multi_value_invariants(seed: int, length: int, depth: float) -> None:
+    s = T.make_multi_value(seed, length, depth=depth)
+    key = s.meta["key"]
+    first, second = s.answer.split()
+    assert f"One number for the {key} is {first}." in s.prompt
+    assert f"Another number for the {key} is {second}." in s.prompt
+    assert s.prompt.index(first) < s.prompt.index(second)
+    # three numbers in all (the key's two and a distractor's), all distinct, each once
+    numbers = re.findall(r"\d+", s.prompt)
+    assert len(numbers) == 3 == len(set(numbers))
+    assert s.prompt.rstrip().endswith(f"What are the two numbers for the {key}? Answer with the two numbers only.")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The two numbers are 852 and 826.", 1.0),
+        ("826, 852", 1.0),
+        ("852", 0.0),  # one of the two
+        ("852 and 111", 0.0),
+        ("852 and 852", 0.0),
+        ("111, 852 and 826", 0.0),  # the first two numbers decide, as the first number does elsewhere
+        ("none", 0.0),
+    ],
+)
+def test_score_number_set(text: str, expected: float) -> None:
+    sample = T.Sample("multi_value", "", "852 826", {"answer_kind": "number_set"})
+    assert T.score(sample, text) == expected
+
+
 def test_kv_key_named_first_unless_disabled() -> None:
     s = T.make_kv_retrieval(4, 600)
     head = s.prompt.split("\n\n")[0]
@@ -172,6 +233,8 @@ def test_parameter_ranges_checked() -> None:
         T.make_kv_retrieval(0, 300, n_pairs=0)
     with pytest.raises(ValueError, match="n_informative"):
         T.make_redundant(0, 300, n_informative=99)
+    with pytest.raises(ValueError, match="n_facts"):
+        T.make_passage_qa(0, 300, n_facts=6)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -37,6 +37,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_ints(text: str) -> list[int]:
+    """argparse type: a comma-separated list of integers >= 1 ("1000,2000,3000")."""
+    values = []
+    for part in [t.strip() for t in text.split(",")]:
+        if not part:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+        values.append(positive_int(part))
+    return values
+
+
 def nonneg_int(text: str) -> int:
     """argparse type: an integer >= 0 below 2**32 (seeds)."""
     try:

@@ -19,6 +19,7 @@ from .common import (
     nonneg_int,
     parse_list,
     positive_int,
+    positive_ints,
     setup_threads,
     write_json,
     write_partial_json,
@@ -34,7 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--budgets", default="64,128,256")
     p.add_argument("--tasks", default=None,
                    help=f"default: all text tasks ({','.join(task_suite.TASKS)}); toy VLMs: their trained tasks")
-    p.add_argument("--length", type=positive_int, default=1500, help="prompt length in tokens (approximate)")
+    p.add_argument("--length", type=positive_ints, default=[1500],
+                   help="prompt length in tokens (approximate); a list (1000,2000,3000) gives sample i of each task "
+                        "the (i mod k)-th length")
     p.add_argument("--n", type=positive_int, default=20, help="samples per task")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--window", type=positive_int, default=defaults.WINDOW)
@@ -200,7 +203,8 @@ def run(args) -> int:
         "interrupted": out["interrupted"],
         "config": {
             "methods": list(config.methods), "budgets": list(config.budgets), "tasks": names, "n": args.n,
-            "seed": args.seed, "length": args.length, "window": args.window,
+            "seed": args.seed,
+            "length": args.length[0] if len(args.length) == 1 else args.length, "window": args.window,
             "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "threads": threads, "stack": config.stack,
             "redundancy": config.redundancy, "profile": _profile_label(config.profile, args.model),
             "prompt_tokens": {"min": min(lengths), "max": max(lengths)} if lengths else None,

@@ -17,6 +17,7 @@ from .methods import (
     HeadKV,
     Method,
     MixKV,
+    MixKVModality,
     PyramidKV,
     PyramidKVAuthors,
     RandomKV,
@@ -56,6 +57,8 @@ register_base("headkv", HeadKV, "HeadKV: per-head budgets from a retrieval-reaso
               "whole model (needs profile=...)")
 register_base("random", RandomKV, "random eviction with a uniform budget (the floor)")
 register_wrapper("mixkv", MixKV, "MixKV on {base}: {base}'s budgets, importance+diversity mixed by head redundancy")
+register_wrapper("mixkv-modal", MixKVModality, "MixKV on {base} with diversity inside each modality (image / text); "
+                 "an option, not the paper's method")
 
 
 def available_methods() -> list[str]:

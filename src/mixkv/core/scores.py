@@ -242,3 +242,31 @@ def mix(s_imp: torch.Tensor, s_div: torch.Tensor, r: torch.Tensor) -> torch.Tens
     if r.dim() == s_imp.dim() - 1:
         r = r[..., None]
     return r * s_div + (1.0 - r) * s_imp
+
+
+def diversity_within_groups(k_hat: torch.Tensor, groups: torch.Tensor, window: int, target_mean: torch.Tensor,
+                            valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Diversity measured inside each token group (e.g. image vs text), ``(B, H, C)``.
+
+    ``groups`` ``(B, N)`` bool splits the prompt in two (True / False). Each candidate's diversity is
+    ``-<k_i/|k_i|, c_g>`` against the centroid ``c_g`` of its own group, min-max normalised within
+    the group, then all candidates are rescaled together as in :func:`diversity_from`. Why: against
+    one centroid of a prompt that is mostly image, every text token looks "diverse" simply for being
+    text, and at small budgets text crowds out the image cells a question asks about; within groups,
+    each modality competes for diversity only with itself. One group (a text-only prompt) gives
+    exactly :func:`diversity_from`.
+    """
+    n = k_hat.shape[-2]
+    c = n - window
+    real = torch.ones(k_hat.shape[0], 1, n, dtype=torch.bool, device=k_hat.device) if valid is None \
+        else head_mask(valid)
+    cand_valid = real[..., :c]
+    g = groups[:, None, :].to(torch.bool)
+    out = torch.zeros(k_hat.shape[:2] + (c,), dtype=torch.float32, device=k_hat.device)
+    for member in (g, ~g):
+        mask = real & member  # (B, H or 1, N)
+        raw = -torch.matmul(k_hat[..., :c, :].float(), centroid_of(k_hat, mask)[..., None].float()).squeeze(-1)
+        in_group = (cand_valid & member[..., :c]).expand_as(out)
+        out = torch.where(in_group, minmax_normalize(raw, in_group), out)
+    return rescale_to(out, target_mean, cand_valid)
+

@@ -6,11 +6,11 @@ The interface every method satisfies is :class:`~mixkv.core.methods.base.Method`
 from .adakv import AdaKV
 from .base import Allocation, BudgetedMethod, Method, ScoreWrapper
 from .headkv import HeadKV
-from .mixkv import MixKV
+from .mixkv import MixKV, MixKVModality
 from .pyramidkv import PyramidKV, PyramidKVAuthors
 from .random import RandomKV
 from .snapkv import SnapKV
 from .sparsemm import SparseMM
 
-__all__ = ["AdaKV", "Allocation", "BudgetedMethod", "HeadKV", "Method", "MixKV", "PyramidKV", "PyramidKVAuthors",
-           "RandomKV", "ScoreWrapper", "SnapKV", "SparseMM"]
+__all__ = ["AdaKV", "Allocation", "BudgetedMethod", "HeadKV", "Method", "MixKV", "MixKVModality", "MixKVProtect",
+           "PyramidKV", "PyramidKVAuthors", "RandomKV", "ScoreWrapper", "SnapKV", "SparseMM"]

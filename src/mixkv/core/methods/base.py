@@ -58,6 +58,9 @@ class Method(ABC):
     """Declared trait: a compressed prompt keeps exactly ``budget`` tokens per head *on average over the whole
     model*, whatever its scores (uniform methods, and those that apportion a fixed total among heads). A paged
     engine can then size a request from its prompt length alone; without it, the allocation is asked."""
+    reads_modality: ClassVar[bool] = False
+    """Declared trait: the scores read ``LayerPrefill.image_mask`` (which prompt tokens are image tokens). An
+    engine that does not track it (the vLLM plugin) must refuse the method rather than serve another score."""
 
     @property
     @abstractmethod

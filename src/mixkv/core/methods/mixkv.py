@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -32,17 +33,23 @@ class MixKV(ScoreWrapper):
     * ``base``: the base method (SnapKV, PyramidKV, AdaKV, SparseMM, HeadKV);
     * ``redundancy``: ``"online"`` (default: from the current prompt's keys, O(N)) or an offline
       :class:`~mixkv.core.profiles.Profile` / JSON path with ``key_redundancy`` per (layer, KV head);
-    * ``use_vnorm`` / ``use_diversity``: switch the two added terms off (for ablations).
+    * ``use_vnorm`` / ``use_diversity``: switch the two added terms off (for ablations);
+    * ``diversity``: ``"prompt"`` (the paper: distance from the centroid of all prompt keys) or
+      ``"modality"`` (from the centroid of the token's own modality, image or text; a text prompt is
+      one modality, so it is the paper's score there) -- see :class:`MixKVModality`.
     """
 
     redundancy: str | Profile | Path = defaults.REDUNDANCY
     use_vnorm: bool = True
     use_diversity: bool = True
+    diversity: str = "prompt"
 
     suffix = "mixkv"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.diversity not in ("prompt", "modality"):
+            raise ValueError(f"MixKV: diversity must be 'prompt' or 'modality', got {self.diversity!r}")
         if isinstance(self.redundancy, str) and self.redundancy == "online":
             return
         if not isinstance(self.redundancy, (Profile, str, Path)):
@@ -77,9 +84,30 @@ class MixKV(ScoreWrapper):
             s_imp = s_imp + scores.intrinsic_importance(layer.values, layer.window, target, layer.cand_valid)
         if not self.use_diversity:
             return s_imp
-        s_div = scores.diversity_from(layer.k_hat, layer.key_centroid, layer.window, target, layer.valid)
+        if self.diversity == "modality" and layer.image_mask is not None:
+            s_div = scores.diversity_within_groups(layer.k_hat, layer.image_mask, layer.window, target, layer.valid)
+        else:
+            s_div = scores.diversity_from(layer.k_hat, layer.key_centroid, layer.window, target, layer.valid)
         return scores.mix(s_imp, s_div, self.head_redundancy(layer))
 
     def describe(self) -> str:
         red = "online" if not isinstance(self.redundancy, Profile) else f"profile:{self.redundancy.model}"
-        return f"MixKV({self.base.describe()}, redundancy={red})"
+        extra = ", diversity=modality" if self.diversity != "prompt" else ""
+        return f"{type(self).__name__}({self.base.describe()}, redundancy={red}{extra})"
+
+
+@dataclass
+class MixKVModality(MixKV):
+    """MixKV with diversity measured inside each modality (``"<base>+mixkv-modal"``): an option, not the paper.
+
+    On an image prompt the image tokens' diversity is their distance from the image centroid, the text
+    tokens' from the text centroid, each min-max normalised within its modality; importance, redundancy
+    and budgets are MixKV's. Text-only prompts (and re-compressions, which do not track modality) get the
+    paper's score. Why: see :func:`mixkv.core.scores.diversity_within_groups`.
+    """
+
+    diversity: str = "modality"
+
+    suffix = "mixkv-modal"
+    reads_modality: ClassVar[bool] = True
+

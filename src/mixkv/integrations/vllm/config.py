@@ -42,7 +42,7 @@ from pathlib import Path
 
 from mixkv.core import defaults
 from mixkv.core.methods.base import Allocation, Method
-from mixkv.core.registry import BASES, allocation_of, available_methods, make_method, needs_profile
+from mixkv.core.registry import BASES, WRAPPERS, allocation_of, available_methods, make_method, needs_profile
 
 ENV_METHOD = "MIXKV_VLLM_METHOD"
 ENV_BUDGET = "MIXKV_VLLM_BUDGET"
@@ -126,7 +126,11 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PluginConfig | 
 
 def why_not_served(name: str) -> str | None:
     """Why a registered method cannot be served (None: it can), from its declared traits, never its name."""
-    method_class = BASES[name.partition("+")[0]]
+    base, _, wrapper = name.partition("+")
+    if wrapper and WRAPPERS[wrapper].reads_modality:
+        return ("its scores read which prompt tokens are image tokens, and the plugin does not track that "
+                "(it would serve a different score); use the method without the modality option")
+    method_class = BASES[base]
     if method_class.allocation is Allocation.PER_HEAD and not method_class.keeps_full_budget:
         return ("its allocation is per head and it does not declare keeps_full_budget, so a request's size "
                 "cannot be known from its prompt length before its scores are computed")

@@ -165,7 +165,7 @@ def test_redundant_invariants(seed: int, length: int, depth: float, n_informativ
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32), length=st.integers(200, 3000), depth=st.floats(0.1, 0.9),
-       n_facts=st.integers(1, 5))
+       n_facts=st.integers(1, 4))
 def test_passage_qa_invariants(seed: int, length: int, depth: float, n_facts: int) -> None:
     s = T.make_passage_qa(seed, length, depth=depth, n_facts=n_facts)
     assert s.meta["fact"] in s.prompt and s.answer in s.meta["fact"]
@@ -234,7 +234,7 @@ def test_parameter_ranges_checked() -> None:
     with pytest.raises(ValueError, match="n_informative"):
         T.make_redundant(0, 300, n_informative=99)
     with pytest.raises(ValueError, match="n_facts"):
-        T.make_passage_qa(0, 300, n_facts=6)
+        T.make_passage_qa(0, 300, n_facts=5)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ Every generator takes ``(seed, n_tokens, tokenizer=None, *, depth=None, ...)`` a
     should drop the repeats and keep the facts.
 ``passage_qa``
     Question answering over a story: ``n_facts`` (default 4) facts about different people, each of
-    another kind ("Clara keeps 41 sheep on the farm by the river.", "The boat that Hugo built is 66 feet
-    long."), spread through the filler; the question paraphrases one ("How many sheep does Clara keep?"),
-    so the words the answer needs are not a copy of the question's.
+    another kind ("The room where Clara sleeps is on floor 41.", "The boat that Hugo built is 66 feet
+    long."), spread through the filler; the question asks about one in its own words ("On which floor is
+    the room where Clara sleeps?").
 ``multi_value``
     Aggregation: two facts give numbers for the same key ("One number for the lemon is 852." / "Another
     number for the lemon is 826."), a third a number for another key; the question asks for both of the
@@ -374,15 +374,17 @@ def make_redundant(
 
 _NAMES = ("Anna", "Boris", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Irene", "Jonas", "Karin", "Louis")
 
-# (statement, question, value range). "{n} was born in the year {v}." was dropped: SmolLM2-135M answered
-# "2018" to 2 of 2 birth-year questions with the full cache.
+# (statement, question, value range): the four kinds SmolLM2-135M answered with the full cache in a trial of 6
+# prompts each at 1k/2k tokens (house 6/6, boat 5/6, floor 5/6, bread 4/6). Dropped: birth year (it
+# answered "2018"), "keeps N sheep" (1/6 with the question "how many sheep does X keep"), bus number 2/6,
+# books 0/1, miles.
 _QA_FACTS = (
-    ("{n} keeps {v} sheep on the farm by the river.", "How many sheep does {n} keep?", (12, 98)),
     ("The house where {n} lives has the number {v}.", "What is the number of the house where {n} lives?",
      (101, 999)),
-    ("{n} walked {v} miles on the long journey home.", "How many miles did {n} walk on the journey home?", (11, 99)),
     ("The boat that {n} built is {v} feet long.", "How long, in feet, is the boat that {n} built?", (12, 89)),
-    ("{n} has {v} books on the shelf in the study.", "How many books does {n} have on the shelf?", (21, 97)),
+    ("The room where {n} sleeps is on floor {v}.", "On which floor is the room where {n} sleeps?", (11, 60)),
+    ("The shop that {n} owns sells {v} kinds of bread.", "How many kinds of bread does the shop that {n} owns sell?",
+     (11, 60)),
 )
 
 
@@ -403,7 +405,7 @@ def make_passage_qa(
 
     The asked fact sits at ``depth``, the others at random places; the question paraphrases the fact's
     sentence. 6 of 8 right with the full cache at 1.5k tokens on SmolLM2-135M in the trial that chose
-    these templates (the two misses were the dropped birth-year kind).
+    these templates; the kinds were then narrowed to those it answers (see ``_QA_FACTS``).
     """
     if not 1 <= n_facts <= len(_QA_FACTS):
         raise ValueError(f"n_facts must be in 1..{len(_QA_FACTS)}, got {n_facts}")

@@ -13,22 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
-from mixkv.lab.stats import wilson_interval
+from mixkv.lab.stats import sign_test_p, wilson_interval
 
 SAME = ("tasks", "n", "seed", "length", "window", "max_new_tokens", "dtype")
-
-
-def sign_test_p(b: int, c: int) -> float:
-    """Exact two-sided binomial (McNemar) p-value of ``b`` vs ``c`` discordant pairs."""
-    m = b + c
-    if m == 0:
-        return 1.0
-    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2 ** m
-    return min(1.0, 2 * tail)
 
 
 def scores(payload: dict) -> dict[tuple, dict[int, float]]:

@@ -102,7 +102,8 @@ def test_analyze_profile_without_key_redundancy(no_load, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["eval", "--n", "0"], ["eval", "--seed", "-1"], ["bench", "--steps", "0"],
-                                  ["calibrate", "--n", "-3", "--out", "x.json"], ["eval", "--threads", "0"]])
+                                  ["calibrate", "--n", "-3", "--out", "x.json"], ["eval", "--threads", "0"],
+                                  ["eval", "--length", "1000,0"], ["eval", "--length", "1000,,2000"]])
 def test_argparse_rejects_non_positive_counts(no_load, capsys, argv):
     with pytest.raises(SystemExit) as info:
         main(argv)

@@ -32,3 +32,15 @@ def test_contains_the_estimate_and_narrows_with_n(n, p):
 def test_bad_input_is_refused(k, n):
     with pytest.raises(ValueError, match="must be"):
         wilson_interval(k, n)
+
+
+def test_sign_test_known_values():
+    from mixkv.lab.stats import sign_test_p
+
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(0, 5) == pytest.approx(2 / 32)  # all five discordant pairs one way
+    assert sign_test_p(3, 3) == 1.0
+    assert sign_test_p(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert sign_test_p(2, 7) == sign_test_p(7, 2)
+    with pytest.raises(ValueError, match="non-negative"):
+        sign_test_p(-1, 2)

@@ -26,3 +26,18 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sign_test_p(b: int, c: int) -> float:
+    """Exact two-sided sign-test (McNemar) p-value of ``b`` vs ``c`` discordant pairs.
+
+    Paired prompts: ``b`` answered right only by the first method, ``c`` only by the second. Under "no
+    difference" each discordant pair goes either way with probability 1/2.
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be non-negative, got {b}, {c}")
+    m = b + c
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2**m
+    return min(1.0, 2 * tail)

@@ -279,7 +279,8 @@ def part_capacity(args, tokenizer, work: Path) -> dict:
     # One suite for every configuration (its size does not depend on which ones run now), so rows of
     # separate runs share prompts and pool: a configuration with n requests takes the first n prompts.
     most = max(args.cap_suite, *args.cap_requests.values())
-    prompts = interleave(suite_prompts(tokenizer, ["passkey", "kv_retrieval"], -(-most // 2), args.cap_length, seed=2))
+    tasks = args.cap_tasks
+    prompts = interleave(suite_prompts(tokenizer, tasks, -(-most // len(tasks)), args.cap_length, seed=args.cap_seed))
     lengths = [len(p.ids) for p in prompts]
     bs = args.block_size
     per_full = -(-(max(lengths) + args.cap_tokens) // bs)  # blocks of the longest full request
@@ -292,10 +293,10 @@ def part_capacity(args, tokenizer, work: Path) -> dict:
           f"(fits {args.pool_requests} full requests)")
     rows = []
     for key, n in args.cap_requests.items():
-        method, budget = ("full", None) if key == "full" else ("snapkv+mixkv", int(key))
+        method, budget = capacity_setting(key, args.cap_method)
         label = method if budget is None else f"{method}@{budget}"
         trace = work / f"trace-{label}.jsonl"
-        env = {"MIXKV_VLLM_METHOD": method, "MIXKV_VLLM_TRACE": str(trace)}
+        env = {"MIXKV_VLLM_METHOD": method, "MIXKV_VLLM_TRACE": str(trace), **profile_env(method)}
         if budget is not None:
             env["MIXKV_VLLM_BUDGET"] = str(budget)
         kwargs = llm_kwargs(args.model, max_len, bs, kv_cache_memory_bytes=pool_bytes, max_num_seqs=args.max_num_seqs,
@@ -328,7 +329,16 @@ def part_capacity(args, tokenizer, work: Path) -> dict:
         r["x_full"] = r["max_running"] / full
     return {"pool_bytes": pool_bytes, "pool_blocks": blocks, "block_size": bs, "prompt_tokens": lengths,
             "output_tokens": args.cap_tokens, "max_num_batched_tokens": args.batched_tokens,
-            "max_num_seqs": args.max_num_seqs, "accuracy_common_prefix": common, "rows": rows}
+            "max_num_seqs": args.max_num_seqs, "accuracy_common_prefix": common, "tasks": tasks,
+            "seed": args.cap_seed, "rows": rows}
+
+
+def capacity_setting(key: str, default_method: str) -> tuple[str, int | None]:
+    """``full``, a budget of ``default_method`` (``256``) or ``method@budget`` -> (method, budget)."""
+    if key == "full":
+        return "full", None
+    method, _, budget = key.rpartition("@")
+    return (method or default_method), int(budget)
 
 
 # ---- paging-cost: per-layer and per-head budgets in paged blocks -------------------------------------------
@@ -623,6 +633,11 @@ def merge_capacity(old: dict | None, new: dict) -> dict:
     same = old is not None and all(old.get(k) == new[k] for k in ("pool_bytes", "prompt_tokens", "output_tokens"))
     if not same:
         return new
+    first = (["passkey", "kv_retrieval"], 2)  # what runs before --cap-tasks / --cap-seed existed used
+    same = same and (old.get("tasks", first[0]), old.get("seed", first[1])) == \
+        (new.get("tasks", first[0]), new.get("seed", first[1]))
+    if not same:
+        return new
     rerun = {(r["method"], r["budget"]) for r in new["rows"]}
     rows = [r for r in old["rows"] if (r["method"], r["budget"]) not in rerun] + new["rows"]
     rows.sort(key=lambda r: (r["budget"] is not None, -(r["budget"] or 0)))
@@ -676,8 +691,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--press-tokens", type=int, default=12)
     ap.add_argument("--press-budgets", default="64,128")
     ap.add_argument("--cap-requests", default="full:6,256:16,128:26,64:44",
-                    help="requests per configuration of capacity: 'full' or a SnapKV+MixKV budget, then the count "
-                         "(enough to fill the pool: more only adds prefill time)")
+                    help="requests per configuration of capacity: 'full', a --cap-method budget or METHOD@BUDGET, then "
+                         "the count (enough to fill the pool: more only adds prefill time)")
+    ap.add_argument("--cap-method", default="snapkv+mixkv", help="method of the bare budgets in --cap-requests")
+    ap.add_argument("--cap-tasks", default="passkey,kv_retrieval", help="tasks of the capacity prompts")
+    ap.add_argument("--cap-seed", type=int, default=2, help="seed of the capacity prompts")
     ap.add_argument("--cap-suite", type=int, default=44, help="prompts generated for capacity; runs take the first n")
     ap.add_argument("--cap-length", type=int, default=4000)
     ap.add_argument("--cap-tokens", type=int, default=32)
@@ -717,6 +735,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--preempt-methods: unknown {sorted(unknown)}; accepted: {', '.join(accepted_methods())}")
     args.skew_budgets = [int(b) for b in args.skew_budgets.split(",")]
     args.cap_requests = {k.strip(): int(v) for k, v in (item.split(":") for item in args.cap_requests.split(","))}
+    args.cap_tasks = [t.strip() for t in args.cap_tasks.split(",") if t.strip()]
+    try:
+        settings = [capacity_setting(key, args.cap_method) for key in args.cap_requests]
+    except ValueError:
+        ap.error(f"--cap-requests: keys are 'full', a budget or METHOD@BUDGET, got {list(args.cap_requests)}")
+    bad = sorted({m for m, _ in settings if m != "full" and m not in accepted_methods()})
+    if bad:
+        ap.error(f"--cap-requests / --cap-method: unknown {bad}; accepted: {', '.join(accepted_methods())}")
+    from mixkv.testbeds.tasks import TASKS
+
+    if not args.cap_tasks or set(args.cap_tasks) - set(TASKS):
+        ap.error(f"--cap-tasks: unknown {sorted(set(args.cap_tasks) - set(TASKS))}; accepted: {', '.join(TASKS)}")
     return args
 
 

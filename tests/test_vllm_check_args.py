@@ -102,6 +102,24 @@ def test_recorded_capacity_rows_merge_with_a_new_run(check):
         [r["max_running"] for i, r in enumerate(old["rows"]) if i != 1]
 
 
+def test_capacity_settings_and_other_prompts_do_not_merge(check, capsys):
+    assert check.capacity_setting("full", "snapkv+mixkv") == ("full", None)
+    assert check.capacity_setting("256", "snapkv+mixkv") == ("snapkv+mixkv", 256)
+    assert check.capacity_setting("headkv+mixkv@512", "snapkv+mixkv") == ("headkv+mixkv", 512)
+    args = check.parse_args(["--cap-requests", "full:2,adakv@512:8", "--cap-tasks", "passage_qa,passkey"])
+    assert args.cap_tasks == ["passage_qa", "passkey"]
+    old = json.loads((REPO / "results" / "vllm-capacity.json").read_text())["capacity"]
+    new = {**{k: old[k] for k in ("pool_bytes", "prompt_tokens", "output_tokens")}, "tasks": ["passage_qa"],
+           "seed": 2, "rows": [old["rows"][0]]}
+    assert check.merge_capacity(copy.deepcopy(old), new) == new  # other prompts: nothing of the old run kept
+    for argv, message in ((["--cap-requests", "full:2,nope@64:3"], "unknown ['nope']"),
+                          (["--cap-requests", "full:2,snapkv@x:3"], "keys are 'full'"),
+                          (["--cap-tasks", "passkey,bogus"], "--cap-tasks: unknown ['bogus']")):
+        with pytest.raises(SystemExit):
+            check.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_a_job_runs_in_a_fresh_interpreter_and_its_failure_shows_the_log(check, tmp_path):
     """The launcher both check scripts share (scripts/vllm_jobs.py), with a stand-in job script (no vLLM)."""
     import vllm_jobs

@@ -8,6 +8,8 @@ p-value of those. Default pairs: each ``<base>+mixkv`` against ``<base>``, and e
 against ``<base>+mixkv`` and against ``<base>``; ``--pair A,B`` (repeatable) names others.
 
     python scripts/method_table.py results/eval-smollm2-suite.json --tasks
+    python scripts/method_table.py results/eval-toyvlm24-modal-w32.json results/eval-toyvlm24-modal-w16.json \
+        --plot results/toyvlm24-modal.png      # one panel per (file, budget): each base, +mixkv, +mixkv-modal
 """
 
 from __future__ import annotations
@@ -76,13 +78,61 @@ def paired_table(cells: dict, pairs: list[tuple[str, str]], budgets: list[int]) 
     return lines
 
 
+def plot_wrappers(payloads: list[dict], path: str) -> None:
+    """Bars per base: the base, ``+mixkv`` and ``+mixkv-modal`` (those present), one panel per (file, budget),
+    with Wilson 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(pl, b) for pl in payloads for b in pl["config"]["budgets"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.8), sharey=True, squeeze=False)
+    kinds = [("", "base", "#bbbbbb"), ("+mixkv", "+mixkv (paper)", "#1f77b4"),
+             ("+mixkv-modal", "+mixkv-modal", "#d62728")]
+    for ax, (pl, budget) in zip(axes[0], panels, strict=True):
+        cells = per_prompt(pl)
+        bases = [m for m in dict.fromkeys(m for m, _ in cells) if "+" not in m and m != "full"]
+        for k, (suffix, label, colour) in enumerate(kinds):
+            xs, ys, lo, hi = [], [], [], []
+            for i, base in enumerate(bases):
+                got = cells.get((base + suffix, budget))
+                if not got:
+                    continue
+                v = list(got.values())
+                a, b = wilson_interval(sum(v), len(v))
+                acc = sum(v) / len(v)
+                xs.append(i + (k - 1) * 0.27)
+                ys.append(100 * acc)
+                lo.append(100 * (acc - a))
+                hi.append(100 * (b - acc))
+            ax.bar(xs, ys, 0.27, color=colour, label=label, yerr=[lo, hi], capsize=2, error_kw={"lw": 0.8})
+        ax.set_xticks(range(len(bases)), bases, rotation=30, fontsize=8)
+        ax.set_title(f"window {pl['config']['window']}, B={budget}", fontsize=9)
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%), Wilson 95%")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    cfg = payloads[0]["config"]
+    fig.suptitle(f"{payloads[0]['model']}: MixKV vs diversity inside each modality (seeds {cfg['seed']}.., "
+                 f"n={cfg['n']}/task x {len(cfg['tasks'])} tasks)", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("json")
+    p.add_argument("json", nargs="+", help="eval results; tables are printed for the first, --plot draws all")
+    p.add_argument("--plot", default=None, help="PNG: per base, the base, +mixkv and +mixkv-modal (bars)")
     p.add_argument("--tasks", action="store_true", help="a table per task too")
     p.add_argument("--pair", action="append", default=[], help="A,B: compare B against A (repeatable)")
     args = p.parse_args()
-    payload = json.loads(Path(args.json).read_text())
+    payloads = [json.loads(Path(f).read_text()) for f in args.json]
+    if args.plot:
+        plot_wrappers(payloads, args.plot)
+    payload = payloads[0]
     cfg = payload["config"]
     budgets = list(cfg["budgets"])
     cells = per_prompt(payload)

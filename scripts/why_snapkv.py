@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def main() -> None:
         payload = json.loads(Path(args.json).read_text())
         plot(payload["summary"], args.plot, payload["title"])
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("MIXKV_THREADS", "2")))
     start = time.perf_counter()
     model, tokenizer = sources.load(sources.SMOLLM2, "float32")
     profile = sources.shipped_profile(sources.SMOLLM2)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Which kinds of tokens SnapKV, SnapKV+MixKV and SnapKV+MixKV-modal keep on toy-vlm-24 colour prompts at B=32, window 16.
+"""Which kinds of tokens SnapKV, +MixKV and +MixKV-modal keep on toy-vlm-24 colour prompts at B=32, window 16.
 
 Share of the kept slots outside the window, over all (layer, KV head) caches of held-out seeds 0-3:
 prompt text (system prompt, chat template, question), blank image cells, tags, list numbers, glyphs,

@@ -72,6 +72,8 @@ def analyse(model, tokenizer, sample, budget: int, window: int, profile) -> dict
         method = make_method(name, budget=budget, window=window, profile=profile)
         _, plans, _ = build_cache(prompt_only, method, None)
         kept[name] = kept_per_region(kept_share(plans, len(pre.layers), n), masks)
+        kept[name]["answer_per_layer"] = [float(kept_share(plans, len(pre.layers), n, layer=li)[masks["answer"]].mean())
+                                          for li in range(len(pre.layers))]
     return {"task": sample.task, "seed": sample.meta["seed"], "tokens": n, "answer": sample.answer,
             "reply": reply_text, "correct": suite.score(sample, reply_text),
             "region_tokens": {k: int(v.sum()) for k, v in masks.items()},
@@ -89,6 +91,9 @@ def summarise(records: list[dict]) -> dict:
                  for src in ("window_mass", "answer_mass")}
     kept = {m: {r: {k: mean([rec["kept"][m][r][k] for rec in records]) for k in ("kept", "budget")}
                 for r in REGIONS} for m in METHODS}
+    for m in METHODS:
+        kept[m]["answer_per_layer"] = [mean([rec["kept"][m]["answer_per_layer"][li] for rec in records])
+                                       for li in range(layers)]
     ratio = {src: [per_layer[src]["answer"][li] / per_layer[src]["filler"][li] for li in range(layers)]
              for src in per_layer}
     return {"per_layer": per_layer, "answer_over_filler": ratio, "kept": kept}
@@ -100,7 +105,7 @@ def plot(summary: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1.25, 1]})
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(18, 4.6), gridspec_kw={"width_ratios": [1.25, 1.25, 1]})
     layers = range(len(summary["answer_over_filler"]["window_mass"]))
     a.semilogy(layers, summary["answer_over_filler"]["window_mass"], "o-", label="window queries (SnapKV's score)")
     a.semilogy(layers, summary["answer_over_filler"]["answer_mass"], "s-",
@@ -110,6 +115,13 @@ def plot(summary: dict, path: str, title: str) -> None:
     a.set_ylabel("attention per answer token / per filler token")
     a.set_title("(a) does the window look at the answer?")
     a.legend(fontsize=8)
+    for m, marker in zip(summary["kept"], "o^s", strict=False):
+        c.plot(layers, summary["kept"][m]["answer_per_layer"], marker=marker, ms=4, label=m)
+    c.set_xlabel("layer")
+    c.set_ylabel("share of KV heads keeping the answer tokens")
+    c.set_ylim(0, 1.05)
+    c.set_title("(b) where the answer is kept")
+    c.legend(fontsize=8)
     methods = list(summary["kept"])
     colours = {"template": "#888888", "filler": "#cccccc", "facts": "#80b1d3", "answer": "#e41a1c",
                "question": "#4daf4a"}
@@ -122,7 +134,7 @@ def plot(summary: dict, path: str, title: str) -> None:
         b.text(i, 1.02, f"answer kept {summary['kept'][m]['answer']['kept']:.0%}", ha="center", fontsize=8)
     b.set_ylim(0, 1.12)
     b.set_ylabel("share of the kept slots")
-    b.set_title("(b) where the budget goes")
+    b.set_title("(c) where the budget goes")
     b.legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -169,7 +181,7 @@ def main() -> None:
     for src in ("window_mass", "answer_mass"):
         print(src, "answer/filler per layer:", " ".join(f"{v:.1f}" for v in summary["answer_over_filler"][src]))
     for m, regions in summary["kept"].items():
-        print(m, " ".join(f"{r}: kept {v['kept']:.2f} budget {v['budget']:.2f}" for r, v in regions.items()))
+        print(m, " ".join(f"{r}: kept {regions[r]['kept']:.2f} budget {regions[r]['budget']:.2f}" for r in REGIONS))
     if args.plot:
         plot(summary, args.plot, title)
         print(f"wrote {args.plot}")

@@ -32,8 +32,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PYTHON) -m ruff check src tests scripts
 
+# The text suite of docs/results.md (five tasks, 1k/2k tokens, every base +-MixKV): ~25-35 min on 2 cores.
 eval: $(STAMP)
-	$(PYTHON) -m mixkv.cli.main eval --model smollm2-135m --methods full,snapkv,snapkv+mixkv,pyramidkv,pyramidkv+mixkv,adakv,adakv+mixkv --budgets 64,128,256 --n 20 --seed 0 --json out/eval-smollm2.json
+	$(PYTHON) -m mixkv.cli.main eval --model smollm2-135m \
+		--methods full,random,snapkv,snapkv+mixkv,pyramidkv,pyramidkv+mixkv,adakv,adakv+mixkv,sparsemm,sparsemm+mixkv,headkv,headkv+mixkv \
+		--budgets 128,256,512,1024 --length 1000,2000 --n 20 --seed 40000 --stack 44 \
+		--json out/eval-smollm2-suite.json --plot out/eval-smollm2-suite.png
 
 bench: $(STAMP)
 	$(PYTHON) -m mixkv.cli.main bench --model smollm2-135m --contexts 1024,2048,4096,8192 --budget 128 --json out/bench-smollm2.json

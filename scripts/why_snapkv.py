@@ -5,7 +5,8 @@ capture of prompt + reply up to the first answer digit, from which (per layer, m
 * the window queries' attention per token of each region (chat template/instruction, filler, facts,
   answer digits, question) -- what SnapKV ranks by;
 * the attention per token of the query that writes the first answer digit -- what the model reads;
-* what SnapKV, SnapKV+MixKV and HeadKV keep of each region at one budget.
+* what SnapKV, SnapKV+MixKV and HeadKV keep of each region at one budget, per layer, and in the ten
+  (layer, KV head) pairs that read the answer most when it is written (the "reading heads").
 
     python scripts/why_snapkv.py --n 4 --seed 9100 --length 1000,2000 --budget 256 \
         --json results/why-snapkv-smollm2.json --plot results/why-snapkv-smollm2.png
@@ -33,6 +34,7 @@ from mixkv.testbeds import sources
 from mixkv.testbeds import tasks as suite
 
 METHODS = ("snapkv", "snapkv+mixkv", "headkv")
+READING_HEADS = 10  # the (layer, KV head) pairs that read the answer most when it is written
 
 
 def first_digit_step(tokenizer, reply: list[int]) -> int | None:
@@ -58,12 +60,16 @@ def analyse(model, tokenizer, sample, budget: int, window: int, profile) -> dict
     ext = torch.cat([ids, torch.tensor([reply[:j]], dtype=ids.dtype)], 1) if j else ids
     pre = capture_prefill(model, {"input_ids": ext, "attention_mask": torch.ones_like(ext)}, window=window + j)
     masks = region_masks(offsets, text_region_spans(text, sample.prompt, sample.answer.split()))
-    window_mass, answer_mass = [], []
+    window_mass, answer_mass, reads = [], [], []
     for cap in pre.layers:
         w_att = query_attention(cap.queries[:, :, :window], cap.keys[:, :, :n], cap.scaling)  # SnapKV's view
         a_att = query_attention(cap.queries[:, :, -1:], cap.keys, cap.scaling)[:, :n]  # writes the first digit
         window_mass.append({k: float(v.mean()) for k, v in mass_per_token(w_att, masks).items()})
         answer_mass.append({k: float(v.mean()) for k, v in mass_per_token(a_att, masks).items()})
+        reads.append(a_att[:, masks["answer"]].sum(-1))  # (H,): how much each KV head reads the answer
+    read = torch.stack(reads)  # (L, H)
+    top = read.flatten().topk(READING_HEADS).indices.tolist()
+    heads = [(i // read.shape[1], i % read.shape[1]) for i in top]
     prompt_only = Prefill([dataclasses.replace(c, queries=c.queries[:, :, :window], keys=c.keys[:, :, :n],
                                                values=c.values[:, :, :n], window=window) for c in pre.layers],
                           pre.logits, n, window, pre.seconds)
@@ -74,10 +80,13 @@ def analyse(model, tokenizer, sample, budget: int, window: int, profile) -> dict
         kept[name] = kept_per_region(kept_share(plans, len(pre.layers), n), masks)
         kept[name]["answer_per_layer"] = [float(kept_share(plans, len(pre.layers), n, layer=li)[masks["answer"]].mean())
                                           for li in range(len(pre.layers))]
+        in_heads = [kept_share(plans, len(pre.layers), n, layer=li, head=h) for li, h in heads]
+        kept[name]["reading_heads"] = {"answer": mean([float(k[masks["answer"]].mean()) for k in in_heads]),
+                                       "tokens": mean([float(k.mean()) for k in in_heads])}
     return {"task": sample.task, "seed": sample.meta["seed"], "tokens": n, "answer": sample.answer,
             "reply": reply_text, "correct": suite.score(sample, reply_text),
             "region_tokens": {k: int(v.sum()) for k, v in masks.items()},
-            "window_mass": window_mass, "answer_mass": answer_mass, "kept": kept}
+            "window_mass": window_mass, "answer_mass": answer_mass, "reading_heads": heads, "kept": kept}
 
 
 def mean(values):
@@ -94,6 +103,8 @@ def summarise(records: list[dict]) -> dict:
     for m in METHODS:
         kept[m]["answer_per_layer"] = [mean([rec["kept"][m]["answer_per_layer"][li] for rec in records])
                                        for li in range(layers)]
+        kept[m]["reading_heads"] = {k: mean([rec["kept"][m]["reading_heads"][k] for rec in records])
+                                    for k in ("answer", "tokens")}
     ratio = {src: [per_layer[src]["answer"][li] / per_layer[src]["filler"][li] for li in range(layers)]
              for src in per_layer}
     return {"per_layer": per_layer, "answer_over_filler": ratio, "kept": kept}
@@ -131,8 +142,10 @@ def plot(summary: dict, path: str, title: str) -> None:
         b.bar(methods, vals, bottom=bottom, color=colours[r], label=r)
         bottom = [x + y for x, y in zip(bottom, vals, strict=True)]
     for i, m in enumerate(methods):
-        b.text(i, 1.02, f"answer kept {summary['kept'][m]['answer']['kept']:.0%}", ha="center", fontsize=8)
-    b.set_ylim(0, 1.12)
+        rh = summary["kept"][m]["reading_heads"]
+        b.text(i, 1.02, f"answer kept {summary['kept'][m]['answer']['kept']:.0%}\nin the reading heads: "
+               f"{rh['answer']:.0%}\n(they keep {rh['tokens']:.0%} of the prompt)", ha="center", fontsize=7)
+    b.set_ylim(0, 1.22)
     b.set_ylabel("share of the kept slots")
     b.set_title("(c) where the budget goes")
     b.legend(fontsize=7, loc="lower right")
@@ -181,6 +194,7 @@ def main() -> None:
     for src in ("window_mass", "answer_mass"):
         print(src, "answer/filler per layer:", " ".join(f"{v:.1f}" for v in summary["answer_over_filler"][src]))
     for m, regions in summary["kept"].items():
+        print(m, "reading heads:", regions["reading_heads"])
         print(m, " ".join(f"{r}: kept {regions[r]['kept']:.2f} budget {regions[r]['budget']:.2f}" for r in REGIONS))
     if args.plot:
         plot(summary, args.plot, title)

@@ -19,6 +19,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from mixkv.lab.evaluation import mean_over_tasks
 from mixkv.lab.stats import sign_test_p, wilson_interval
 
 
@@ -35,6 +36,35 @@ def pct(scores: list[float]) -> str:
     n, k = len(scores), sum(scores)
     lo, hi = wilson_interval(k, n)
     return f"{100 * k / n:.0f} [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
+def pool(payloads: list[dict]) -> dict:
+    """One payload from runs of the same grid on different seeds: their prompts side by side.
+
+    Prompt indices of later files are shifted past the earlier ones', so paired tests still pair a method's
+    answer with another's on the same prompt.
+    """
+    first = payloads[0]["config"]
+    same = ("methods", "budgets", "tasks", "length", "window", "max_new_tokens")
+    for other in payloads[1:]:
+        diff = [k for k in same if other["config"].get(k) != first.get(k)]
+        if diff or other["model"] != payloads[0]["model"]:
+            raise SystemExit(f"--pool: the runs differ in {diff or ['model']}; pool only one grid on several seeds")
+    samples, offset = [], 0
+    for pl in payloads:
+        samples += [{**x, "index": x["index"] + offset} for x in pl["samples"]]
+        offset += 1 + max(x["index"] for x in pl["samples"])
+    seeds = [pl["config"]["seed"] for pl in payloads]
+    n = sum(pl["config"]["n"] for pl in payloads)
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for x in samples:
+        groups[(x["task"], x["method"], x["budget"])].append(float(x["score"]))
+    results = [{"task": t, "method": m, "budget": b, "accuracy": sum(v) / len(v), "n": len(v)}
+               for (t, m, b), v in groups.items()]
+    lengths = [pl["config"]["prompt_tokens"] for pl in payloads if pl["config"].get("prompt_tokens")]
+    tokens = {"min": min(x["min"] for x in lengths), "max": max(x["max"] for x in lengths)} if lengths else None
+    return {**payloads[0], "samples": samples, "results": results + mean_over_tasks(results),
+            "config": {**first, "seed": seeds, "n": n, "prompt_tokens": tokens, "pooled_from": len(payloads)}}
 
 
 def accuracy_table(cells: dict, budgets: list[int]) -> list[str]:
@@ -126,10 +156,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("json", nargs="+", help="eval results; tables are printed for the first, --plot draws all")
     p.add_argument("--plot", default=None, help="PNG: per base, the base, +mixkv and +mixkv-modal (bars)")
+    p.add_argument("--pool", action="store_true",
+                   help="the files are one grid on several seeds: tables over all their prompts together")
+    p.add_argument("--pooled-json", default=None,
+                   help="with --pool: write the pooled results here (`mixkv eval --from-json` draws its plots)")
     p.add_argument("--tasks", action="store_true", help="a table per task too")
     p.add_argument("--pair", action="append", default=[], help="A,B: compare B against A (repeatable)")
     args = p.parse_args()
     payloads = [json.loads(Path(f).read_text()) for f in args.json]
+    if args.pool:
+        payloads = [pool(payloads)]
+        if args.pooled_json:
+            Path(args.pooled_json).write_text(json.dumps(payloads[0], indent=1))
+            print(f"wrote {args.pooled_json}")
     if args.plot:
         plot_wrappers(payloads, args.plot)
     payload = payloads[0]

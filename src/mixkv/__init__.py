@@ -31,6 +31,7 @@ from .core.methods import (  # noqa: E402
     HeadKV,
     Method,
     MixKV,
+    MixKVModality,
     PyramidKV,
     RandomKV,
     ScoreWrapper,
@@ -43,8 +44,8 @@ from .core.registry import available_methods, make_method, register_base, regist
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdaKV", "BudgetedMethod", "HeadKV", "LayerPrefill", "Method", "MixKV", "Prefill", "PressSession", "Profile",
-    "PyramidKV", "RandomKV", "ScoreWrapper", "SnapKV", "SparseMM", "available_methods", "build_cache",
-    "cache_kv_bytes", "capture_prefill", "load_profile", "make_method", "press", "register_base",
+    "AdaKV", "BudgetedMethod", "HeadKV", "LayerPrefill", "Method", "MixKV", "MixKVModality", "Prefill",
+    "PressSession", "Profile", "PyramidKV", "RandomKV", "ScoreWrapper", "SnapKV", "SparseMM", "available_methods",
+    "build_cache", "cache_kv_bytes", "capture_prefill", "load_profile", "make_method", "press", "register_base",
     "register_wrapper", "save_profile",
 ]

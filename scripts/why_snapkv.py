@@ -116,7 +116,7 @@ def plot(summary: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, c, b) = plt.subplots(1, 3, figsize=(18, 4.6), gridspec_kw={"width_ratios": [1.25, 1.25, 1]})
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(18, 4.8), gridspec_kw={"width_ratios": [1.25, 1.25, 1.1]})
     layers = range(len(summary["answer_over_filler"]["window_mass"]))
     a.semilogy(layers, summary["answer_over_filler"]["window_mass"], "o-", label="window queries (SnapKV's score)")
     a.semilogy(layers, summary["answer_over_filler"]["answer_mass"], "s-",
@@ -143,8 +143,8 @@ def plot(summary: dict, path: str, title: str) -> None:
         bottom = [x + y for x, y in zip(bottom, vals, strict=True)]
     for i, m in enumerate(methods):
         rh = summary["kept"][m]["reading_heads"]
-        b.text(i, 1.02, f"answer kept {summary['kept'][m]['answer']['kept']:.0%}\nin the reading heads: "
-               f"{rh['answer']:.0%}\n(they keep {rh['tokens']:.0%} of the prompt)", ha="center", fontsize=7)
+        b.text(i, 1.02, f"answer kept {summary['kept'][m]['answer']['kept']:.0%}\nreading heads: answer "
+               f"{rh['answer']:.0%},\nprompt {rh['tokens']:.0%}", ha="center", fontsize=7)
     b.set_ylim(0, 1.22)
     b.set_ylabel("share of the kept slots")
     b.set_title("(c) where the budget goes")

@@ -12,5 +12,5 @@ from .random import RandomKV
 from .snapkv import SnapKV
 from .sparsemm import SparseMM
 
-__all__ = ["AdaKV", "Allocation", "BudgetedMethod", "HeadKV", "Method", "MixKV", "MixKVModality", "MixKVProtect",
+__all__ = ["AdaKV", "Allocation", "BudgetedMethod", "HeadKV", "Method", "MixKV", "MixKVModality",
            "PyramidKV", "PyramidKVAuthors", "RandomKV", "ScoreWrapper", "SnapKV", "SparseMM"]

@@ -77,7 +77,8 @@ def _title(payload: dict) -> str:
     cfg = payload.get("config") or {}
     tokens = cfg.get("prompt_tokens") or {}
     span = f"{tokens.get('min')}-{tokens.get('max')} prompt tokens" if tokens else ""
-    return f"{payload.get('model', '?')}: accuracy vs budget (n={cfg.get('n')}/task, {span})"
+    window = f", window {cfg['window']}" if cfg.get("window") else ""
+    return f"{payload.get('model', '?')}: accuracy vs budget (n={cfg.get('n')}/task, {span}{window})"
 
 
 def replot(args) -> int:
@@ -216,7 +217,7 @@ def run(args) -> int:
         payload["gap"] = gap_payload(out["samples"], inspect_model(model).num_layers)
     if results:
         print(report.accuracy_tables(results))
-    print(f"\n{len(items)} prompts, {len(config.grid())} method/budget runs each, "
+    print(f"\n{len(items)} prompts, {len(config.grid())} method/budget runs each, window {args.window}, "
           f"{elapsed:.0f} s on {machine_description()}")
     if args.json and out["interrupted"]:
         written = write_partial_json(payload, args.json)

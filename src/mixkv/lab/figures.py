@@ -90,24 +90,30 @@ def plot_accuracy(results: list[dict], path: str | Path, title: str) -> Path:
     plt = pyplot()
     task = "mean" if any(r["task"] == "mean" for r in results) else results[0]["task"]
     rows = [r for r in results if r["task"] == task]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.4, 4.4), dpi=120)
+    # one colour per base, so a base and its wrappers read as a family: base dotted, +mixkv solid, others dashed
+    palette = plt.get_cmap("tab10").colors
+    colours: dict[str, tuple] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["budget"], r["accuracy"]) for r in rows if r["method"] == method and r["budget"] is not None)
         full = [r["accuracy"] for r in rows if r["method"] == method and r["budget"] is None]
         if full:
             ax.axhline(100 * full[0], color="black", linestyle="--", linewidth=1, label=f"{method}")
         elif pts:
-            style = "-" if "mixkv" in method else ":"
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, marker="o", label=method)
+            base, _, wrapper = method.partition("+")
+            colour = colours.setdefault(base, palette[len(colours) % len(palette)])
+            style = ":" if not wrapper else ("-" if wrapper == "mixkv" else "--")
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=colour, marker="o", label=method)
     ax.set_xscale("log", base=2)
     budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("budget (tokens kept per KV head, window included)")
     ax.set_ylabel(f"accuracy (%) — {task}")
     ax.set_ylim(-2, 102)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     return save_figure(fig, path)
 
 

@@ -91,3 +91,31 @@ def test_vllm_refuses_the_modality_option():
 
     assert "image tokens" in why_not_served("snapkv+mixkv-modal")
     assert "snapkv+mixkv-modal" not in accepted_methods() and "snapkv+mixkv" in accepted_methods()
+
+
+def test_image_batch_rows_decode_as_alone():
+    """A left-padded batch of image prompts under +mixkv-modal: every row's decode logits equal the row alone
+    (the image mask, the group centroids and the min-max never mix rows or count padding)."""
+    import mixkv
+    from zoo import make_inputs, make_model, select_row
+
+    model = make_model("llava")
+    inputs = make_inputs(model, "llava", batch=2, text_len=40, left_pad=[0, 6], seed=2)
+    method = mixkv.make_method("snapkv+mixkv-modal", budget=20, window=4)
+
+    def decode(inp):
+        with torch.no_grad(), mixkv.press(model, method, record=True) as session:
+            out = model.generate(**inp, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        return torch.stack(out.logits, 1).double(), session
+
+    batch, session = decode(inputs)
+    assert session.image_mask is not None and bool(session.image_mask.any())
+    for row in range(2):
+        one, _ = decode(select_row(inputs, "llava", row))
+        assert (batch[row] - one[0]).abs().max().item() <= 5e-4
+    # and the option changed what was kept on this image prompt (else the test would prove nothing)
+    with torch.no_grad(), mixkv.press(model, mixkv.make_method("snapkv+mixkv", budget=20, window=4),
+                                      record=True) as paper:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    assert any(not torch.equal(paper.plans[i].indices, session.plans[i].indices) for i in session.plans)

@@ -20,15 +20,15 @@ from collections import defaultdict
 from pathlib import Path
 
 from mixkv.lab.evaluation import mean_over_tasks
-from mixkv.lab.stats import sign_test_p, wilson_interval
+from mixkv.lab.stats import scores_by_prompt, sign_test_p, wilson_interval
 
 
 def per_prompt(payload: dict, task: str | None = None) -> dict[tuple[str, int | None], dict[int, float]]:
-    """``(method, budget) -> {prompt index: score}`` (one task, or all)."""
+    """``(method, budget) -> {prompt index: score}`` (one task, or all: prompt indices are unique across tasks)."""
     out: dict[tuple[str, int | None], dict[int, float]] = defaultdict(dict)
-    for s in payload["samples"]:
-        if task is None or s["task"] == task:
-            out[(s["method"], s["budget"])][s["index"]] = float(s["score"])
+    for (t, method, budget), got in scores_by_prompt(payload["samples"]).items():
+        if task is None or t == task:
+            out[(method, budget)].update(got)
     return out
 
 

@@ -16,17 +16,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from mixkv.lab.stats import sign_test_p, wilson_interval
+from mixkv.lab.stats import scores_by_prompt, sign_test_p, wilson_interval
 
 SAME = ("tasks", "n", "seed", "length", "window", "max_new_tokens", "dtype")
-
-
-def scores(payload: dict) -> dict[tuple, dict[int, float]]:
-    """``(task, method, budget) -> {prompt index: score}`` of one eval file."""
-    out: dict[tuple, dict[int, float]] = defaultdict(dict)
-    for s in payload["samples"]:
-        out[(s["task"], s["method"], s["budget"])][s["index"]] = float(s["score"])
-    return out
 
 
 def pct(k: float, n: int) -> str:
@@ -35,7 +27,7 @@ def pct(k: float, n: int) -> str:
 
 
 def rows(online: dict, profile: dict, per_task: bool) -> list[str]:
-    a, b = scores(online), scores(profile)
+    a, b = scores_by_prompt(online["samples"]), scores_by_prompt(profile["samples"])
     cells: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for key, got in a.items():
         task, method, budget = key

@@ -44,3 +44,15 @@ def test_sign_test_known_values():
     assert sign_test_p(2, 7) == sign_test_p(7, 2)
     with pytest.raises(ValueError, match="non-negative"):
         sign_test_p(-1, 2)
+
+
+def test_scores_by_prompt_pairs_methods_on_the_same_prompt():
+    from mixkv.lab.stats import scores_by_prompt
+
+    samples = [{"task": "t", "method": "a", "budget": 8, "index": 0, "score": 1.0},
+               {"task": "t", "method": "b", "budget": 8, "index": 0, "score": 0.0},
+               {"task": "t", "method": "a", "budget": 8, "index": 3, "score": 0.0},
+               {"task": "u", "method": "full", "budget": None, "index": 5, "score": 1.0}]
+    got = scores_by_prompt(samples)
+    assert got[("t", "a", 8)] == {0: 1.0, 3: 0.0} and got[("t", "b", 8)] == {0: 0.0}
+    assert got[("u", "full", None)] == {5: 1.0}

@@ -8,6 +8,8 @@ narrow. Wilson's score interval stays inside [0, 1] and keeps close to its nomin
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Iterable
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -41,3 +43,12 @@ def sign_test_p(b: int, c: int) -> float:
         return 1.0
     tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2**m
     return min(1.0, 2 * tail)
+
+
+def scores_by_prompt(samples: Iterable[dict]) -> dict[tuple[str, str, int | None], dict[int, float]]:
+    """``(task, method, budget) -> {prompt index: score}`` from an eval's per-sample records: the pairing
+    every paired test needs (a method's answer and another's on the same prompt)."""
+    out: dict[tuple[str, str, int | None], dict[int, float]] = defaultdict(dict)
+    for s in samples:
+        out[(s["task"], s["method"], s["budget"])][s["index"]] = float(s["score"])
+    return out

@@ -96,8 +96,9 @@ def test_vllm_refuses_the_modality_option():
 def test_image_batch_rows_decode_as_alone():
     """A left-padded batch of image prompts under +mixkv-modal: every row's decode logits equal the row alone
     (the image mask, the group centroids and the min-max never mix rows or count padding)."""
-    import mixkv
     from zoo import make_inputs, make_model, select_row
+
+    import mixkv
 
     model = make_model("llava")
     inputs = make_inputs(model, "llava", batch=2, text_len=40, left_pad=[0, 6], seed=2)
